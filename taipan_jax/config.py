@@ -1,0 +1,83 @@
+"""The full default configuration; every ``configs/*.py`` starts from :func:`base_config`.
+
+All keys exist here, so ``--config.a.b=v`` overrides of a key that does not exist fail with the
+key's name (ml_collections' own check), and every config file has the same structure.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from taipan_jax.sharding import DEFAULT_RULES
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            vocab_size=259,
+            d_model=768,
+            num_groups=24,
+            block_pattern="mamba2",
+            pad_vocab_multiple=128,
+            tie_embeddings=True,
+            d_intermediate=0,
+            norm_eps=1e-5,
+            dtype="bfloat16",
+            param_dtype="float32",
+            scan_layers=True,
+            remat="none",
+            mamba=dict(
+                d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256,
+                A_init_range=(1.0, 16.0), dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
+                dt_limit=(0.0, float("inf")), D_has_hdim=False, conv_bias=True, bias=False,
+                ssd_impl="auto",
+            ),
+        )
+    )
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            train_corpus="shakespeare",  # shakespeare | kjv | files:<glob>
+            heldout_corpus="kjv",
+            vocab="bytes",
+            seq_len=1024,
+        )
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=10_000,
+            global_batch_size=64,
+            seed=0,
+            # Paper recipe (Taipan §4): AdamW, peak 5e-4, cosine to 1e-5, 2000 warm-up, wd 0.01, clip 1.
+            lr=5e-4,
+            min_lr=1e-5,
+            warmup_steps=2000,
+            weight_decay=0.01,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            clip_norm=1.0,
+            log_every=50,
+            eval_every=1000,
+            eval_batches=8,
+            eval_batch_size=8,
+        )
+    )
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3))
+
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            # A size of -1 takes all remaining devices.
+            shape=dict(data=-1, fsdp=1, tensor=1),
+            rules=tuple(DEFAULT_RULES),
+        )
+    )
+
+    c.sample = ml_collections.ConfigDict(
+        dict(prompt="ROMEO:\n", num_tokens=200, temperature=0.8, top_k=0, seed=0)
+    )
+    return c

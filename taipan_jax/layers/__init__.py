@@ -1,0 +1,1 @@
+"""Flax NNX building blocks of taipan_jax."""

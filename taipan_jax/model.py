@@ -1,0 +1,257 @@
+"""The language model: embedding -> repeated block groups -> final RMSNorm -> (tied) head.
+
+The stack is ``num_groups`` repeats of one *group* of blocks given by ``model.block_pattern``
+(e.g. ``"mamba2"`` or, with the SAL, ``"mamba2*6,sal"``). With ``scan_layers=True`` the groups'
+parameters are stacked on a leading ``layers`` axis and applied with ``nnx.scan``, so compile
+time does not grow with depth.
+
+Three entry points share the weights:
+* ``model(tokens, ...) -> (logits, aux)`` — training / scoring; optionally continue from and/or
+  return a cache (prefill, streaming evaluation);
+* ``model.step(token, cache) -> (logits, cache)`` — one token per sequence, constant memory;
+* ``model.init_cache(batch)``.
+Logits are float32 with the padded vocabulary entries set to a large negative number.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from taipan_jax.layers.common import RMSNorm, SwiGLU, make_param, normal
+from taipan_jax.layers.mamba2 import Mamba2Mixer, mamba2_kwargs
+from taipan_jax.model_config import ModelConfig
+from taipan_jax.sharding import constrain
+
+NEG_INF_LOGIT = -1e9
+
+
+class Mamba2Block(nnx.Module):
+    """Pre-norm residual Mamba-2 block: ``h += mixer(norm(h))``, then optionally ``h += mlp(norm(h))``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dt, pdt = cfg.compute_dtype, cfg.weight_dtype
+        n_res = 2 if cfg.d_intermediate > 0 else 1
+        # GPT-2 / mamba_ssm rescale of output projections: 1/sqrt(n_residuals * n_layers).
+        out_scale = 1.0 / math.sqrt(n_res * len(cfg.blocks))
+        self.norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+        self.mixer = Mamba2Mixer(
+            cfg.d_model, rngs=rngs, norm_eps=cfg.norm_eps, out_scale=out_scale, dtype=dt,
+            param_dtype=pdt, **mamba2_kwargs(cfg.mamba),
+        )
+        if cfg.d_intermediate > 0:
+            self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+            self.mlp = SwiGLU(cfg.d_model, cfg.d_intermediate, rngs=rngs, out_scale=out_scale, dtype=dt, param_dtype=pdt)
+        else:
+            self.mlp_norm = self.mlp = None
+
+    def init_cache(self, batch: int):
+        return self.mixer.init_cache(batch)
+
+    def _mlp(self, h):
+        if self.mlp is not None:
+            h = h + self.mlp(self.mlp_norm(h)).astype(h.dtype)
+        return h
+
+    def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False):
+        del key, train
+        out = self.mixer(self.norm(h), segment_ids=segment_ids, cache=cache, return_cache=return_cache)
+        out, new_cache = out if return_cache else (out, None)
+        h = self._mlp(h + out.astype(h.dtype))
+        return h, new_cache, {}
+
+    def step(self, h, cache):
+        out, cache = self.mixer.step(self.norm(h), cache)
+        h = h + out.astype(h.dtype)
+        return self._mlp(h), cache
+
+
+BLOCKS = {"mamba2": Mamba2Block}
+
+
+class BlockGroup(nnx.Module):
+    """One repeat of ``model.block_pattern``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.names = cfg.group
+        self.blocks = nnx.List([BLOCKS[name](cfg, rngs=rngs) for name in cfg.group])
+
+    def init_cache(self, batch: int):
+        return [b.init_cache(batch) for b in self.blocks]
+
+    def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False):
+        caches, aux = [], {}
+        keys = [None] * len(self.blocks) if key is None else list(jax.random.split(key, len(self.blocks)))
+        for i, block in enumerate(self.blocks):
+            h, c, a = block(
+                h, segment_ids=segment_ids, cache=None if cache is None else cache[i],
+                return_cache=return_cache, key=keys[i], train=train,
+            )
+            caches.append(c)
+            for k, v in a.items():
+                aux[f"{i}_{self.names[i]}/{k}"] = v
+            h = constrain(h, ("batch", "length", "embed"))
+        return h, (caches if return_cache else None), aux
+
+    def step(self, h, cache):
+        new = []
+        for i, block in enumerate(self.blocks):
+            h, c = block.step(h, cache[i])
+            new.append(c)
+        return h, new
+
+
+_SCAN_META = {nnx.PARTITION_NAME: "layers"}  # stacked groups gain a leading 'layers' axis
+
+
+class LanguageModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt, pdt = cfg.compute_dtype, cfg.weight_dtype
+        self.embed = make_param(rngs, normal(0.02), (cfg.padded_vocab_size, cfg.d_model), ("vocab", "embed"), pdt)
+        if cfg.scan_layers:
+
+            @nnx.split_rngs(splits=cfg.num_groups)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=_SCAN_META)
+            def make_groups(rngs):
+                return BlockGroup(cfg, rngs=rngs)
+
+            self.groups = make_groups(rngs)
+        else:
+            self.groups = nnx.List([BlockGroup(cfg, rngs=rngs) for _ in range(cfg.num_groups)])
+        self.norm_f = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=jnp.float32, param_dtype=pdt)
+        if cfg.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = make_param(
+                rngs, normal(1.0 / math.sqrt(cfg.d_model)), (cfg.d_model, cfg.padded_vocab_size),
+                ("embed", "vocab"), pdt,
+            )
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _embed(self, tokens):
+        h = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
+        return constrain(h, ("batch", "length", "embed"))
+
+    def _logits(self, h):
+        dt = self.cfg.compute_dtype
+        h = self.norm_f(h).astype(dt)
+        if self.lm_head is None:
+            logits = jnp.einsum("...d,vd->...v", h, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+        vocab_ok = jnp.arange(logits.shape[-1]) < self.cfg.vocab_size
+        return jnp.where(vocab_ok, logits, NEG_INF_LOGIT)
+
+    def _scan_groups(self, fn, carry, xs):
+        """``jax.lax.scan`` of ``fn(group, carry, x) -> (carry, y)`` over the stacked groups.
+
+        Functional (split, then merge inside the body) rather than ``nnx.scan``, so the model can be
+        called under any enclosing transform (jit, lax.scan in sampling, grad, shard_map).
+        """
+        graphdef, state = nnx.split(self.groups)
+
+        def body(carry, inp):
+            st, x = inp
+            return fn(nnx.merge(graphdef, st), carry, x)
+
+        return jax.lax.scan(body, carry, (state, xs))
+
+    def init_cache(self, batch: int):
+        if self.cfg.scan_layers:
+
+            @nnx.vmap(in_axes=0, out_axes=0)
+            def make(group):
+                return group.init_cache(batch)
+
+            return make(self.groups)
+        return [g.init_cache(batch) for g in self.groups]
+
+    # -- whole sequences -----------------------------------------------------------------------
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        cache: Any = None,
+        return_cache: bool = False,
+        key: jax.Array | None = None,
+        train: bool = False,
+    ):
+        """``tokens (b, l) int32`` -> ``(logits (b, l, V_pad) f32, aux)`` [+ cache].
+
+        ``aux`` maps metric names to arrays stacked over the ``num_groups`` axis.
+        """
+        cfg = self.cfg
+        h = self._embed(tokens)
+        n = cfg.num_groups
+        keys = None if key is None else jax.random.split(key, n)
+
+        def run_group(group, h, c, k):
+            return group(h, segment_ids=segment_ids, cache=c, return_cache=return_cache, key=k, train=train)
+
+        if cfg.remat == "full":
+            run_group = nnx.remat(run_group)
+
+        if cfg.scan_layers:
+            h, (new_cache, aux) = self._scan_groups(
+                lambda g, h, xs: (lambda r: (r[0], (r[1], r[2])))(run_group(g, h, *xs)), h, (cache, keys)
+            )
+        else:
+            caches, auxes = [], []
+            for i, group in enumerate(self.groups):
+                h, c, a = run_group(group, h, None if cache is None else cache[i], None if keys is None else keys[i])
+                caches.append(c)
+                auxes.append(a)
+            new_cache = caches if return_cache else None
+            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes and auxes[0] else {}
+        logits = self._logits(h)
+        if return_cache:
+            return logits, aux, new_cache
+        return logits, aux
+
+    # -- one token -----------------------------------------------------------------------------
+    def step(self, tokens: jax.Array, cache: Any):
+        """``tokens (b,) int32`` -> ``(logits (b, V_pad) f32, new cache)``."""
+        h = self._embed(tokens[:, None])[:, 0]
+        if self.cfg.scan_layers:
+            h, cache = self._scan_groups(lambda g, h, c: g.step(h, c), h, cache)
+        else:
+            new = []
+            for g, c in zip(self.groups, cache):
+                h, c = g.step(h, c)
+                new.append(c)
+            cache = new
+        return self._logits(h), cache
+
+
+# -- parameter utilities ---------------------------------------------------------------------
+def build_model(cfg: ModelConfig, seed: int = 0) -> LanguageModel:
+    return LanguageModel(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> LanguageModel:
+    """The model with ``ShapeDtypeStruct`` leaves: no weights are allocated."""
+    return nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(params=0)))
+
+
+def count_params(model: nnx.Module) -> int:
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return int(sum(math.prod(x.shape) for x in leaves))
+
+
+def weight_decay_mask(params_state: nnx.State) -> Any:
+    """A pytree of bools matching ``params_state``: True where weight decay applies.
+
+    Parameters created with ``weight_decay=False`` metadata (A_log, dt_bias, D, norms, biases) get
+    none; everything else (projections, convolution taps, embeddings) does.
+    """
+
+    def decide(v):
+        return bool(v.get_metadata().get("weight_decay", True))
+
+    return jax.tree.map(decide, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

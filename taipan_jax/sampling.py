@@ -1,0 +1,55 @@
+"""Autoregressive sampling: prefill the prompt once, then jitted single-token steps (constant memory)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from taipan_jax.model import LanguageModel
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int = 0) -> jax.Array:
+    """Greedy when ``temperature == 0``; otherwise softmax sampling, optionally top-k."""
+    if temperature <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(
+    model: LanguageModel,
+    prompt: np.ndarray,
+    *,
+    num_tokens: int,
+    key: jax.Array,
+    temperature: float = 1.0,
+    top_k: int = 0,
+) -> np.ndarray:
+    """``prompt (b, l) int32`` -> ``(b, num_tokens)`` sampled continuations."""
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be a non-empty (batch, length) array, got shape {prompt.shape}")
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, prompt, key):
+        m = nnx.merge(graphdef, state)
+        logits, _, cache = m(prompt, return_cache=True)
+        k0, key = jax.random.split(key)
+        first = sample_logits(logits[:, -1], k0, temperature=temperature, top_k=top_k)
+
+        def body(carry, k):
+            tok, cache = carry
+            lg, cache = m.step(tok, cache)
+            nxt = sample_logits(lg, k, temperature=temperature, top_k=top_k)
+            return (nxt, cache), tok
+
+        (_, _), toks = jax.lax.scan(body, (first, cache), jax.random.split(key, num_tokens))
+        return toks.T
+
+    return np.asarray(run(state, prompt, key))
