@@ -171,18 +171,23 @@ def run(config, workdir: str) -> dict:
     return result
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Path to a configs/*.py file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+def main() -> None:
+    """Command-line entry point (flags are defined here so importing this module defines none)."""
+    config_flag = config_flags.DEFINE_config_file(
+        "config", _DEFAULT_CONFIG, "Path to a configs/*.py file.", lock_config=True
+    )
+    workdir_flag = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 
+    def _main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if not workdir_flag.value:
+            raise app.UsageError("--workdir is required")
+        logging.set_verbosity(logging.WARNING)
+        run(config_flag.value, workdir_flag.value)
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
-    logging.set_verbosity(logging.WARNING)
-    run(_CONFIG.value, _WORKDIR.value)
+    app.run(_main)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

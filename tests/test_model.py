@@ -1,0 +1,127 @@
+"""The language model: layer scan vs loop, prefill + steps, masking, remat, config validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from taipan_jax.model import NEG_INF_LOGIT, LanguageModel, build_model, count_params, weight_decay_mask
+from taipan_jax.model_config import ModelConfig, parse_block_pattern
+
+
+def _cfg(**kw):
+    base = dict(vocab_size=259, d_model=32, num_groups=3, mamba=dict(d_state=8, headdim=16, chunk_size=8))
+    base.update(kw)
+    return ModelConfig.from_dict(base)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _tokens(b, l, seed=0):
+    return jnp.asarray(np.random.RandomState(seed).randint(0, 259, size=(b, l)), jnp.int32)
+
+
+def test_scanned_stack_equals_python_loop():
+    """Same weights laid out stacked (scan) and as a list (loop) give the same logits."""
+    scanned = build_model(_cfg(d_intermediate=48), seed=0)
+    looped = build_model(_cfg(d_intermediate=48, scan_layers=False), seed=1)
+    stacked = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
+    target = nnx.to_pure_dict(nnx.state(looped, nnx.Param))
+    new = {k: v for k, v in stacked.items() if k != "groups"}
+    new["groups"] = {i: jax.tree.map(lambda x: x[i], stacked["groups"]) for i in range(3)}
+    assert jax.tree.structure(new) == jax.tree.structure(target)
+    state = nnx.state(looped, nnx.Param)
+    nnx.replace_by_pure_dict(state, new)
+    nnx.update(looped, state)
+    toks = _tokens(2, 13)
+    assert _rel(looped(toks)[0][..., :259], scanned(toks)[0][..., :259]) <= 1e-6
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_forward_equals_prefill_then_steps(scan):
+    m = build_model(_cfg(scan_layers=scan, d_intermediate=32), seed=2)
+    toks = _tokens(2, 21, seed=1)
+    full, _ = m(toks)
+    _, _, cache = m(toks[:, :9], return_cache=True)
+    step = jax.jit(lambda m, t, c: m.step(t, c))
+    outs = []
+    for t in range(9, 21):
+        lg, cache = step(m, toks[:, t], cache)
+        outs.append(lg)
+    got = jnp.stack(outs, 1)[..., :259]
+    assert _rel(got, full[:, 9:, :259]) <= 1e-4
+
+
+def test_padded_vocab_is_masked_and_logits_float32():
+    m = build_model(_cfg(), seed=0)
+    logits, aux = m(_tokens(1, 5))
+    assert logits.dtype == jnp.float32 and logits.shape == (1, 5, 384)
+    assert np.all(np.asarray(logits[..., 259:]) == NEG_INF_LOGIT)
+    assert aux == {}
+
+
+def test_bf16_compute_keeps_float32_params():
+    m = build_model(_cfg(dtype="bfloat16"), seed=0)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    logits, _ = m(_tokens(2, 16))
+    ref = build_model(_cfg(), seed=0)(_tokens(2, 16))[0]
+    assert logits.dtype == jnp.float32
+    assert _rel(logits[..., :259], ref[..., :259]) <= 3e-2
+
+
+def test_remat_gives_same_gradients():
+    toks = _tokens(2, 12)
+    grads = []
+    for remat in ("none", "full"):
+        m = build_model(_cfg(remat=remat), seed=3)
+        gd, params = nnx.split(m, nnx.Param)
+
+        def loss(p):
+            return jnp.mean(nnx.merge(gd, p)(toks)[0][..., :259] ** 2)
+
+        grads.append(jax.tree.leaves(jax.grad(loss)(params)))
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_mask_and_logical_axes():
+    m = build_model(_cfg(), seed=0)
+    params = nnx.state(m, nnx.Param)
+    mask = nnx.to_pure_dict(weight_decay_mask(params))
+    mixer = mask["groups"]["blocks"][0]["mixer"]
+    for name in ("A_log", "D", "dt_bias", "conv_x_b", "conv_bc_b"):
+        assert mixer[name] is False, name
+    assert mixer["norm"]["weight"] is False and mask["norm_f"]["weight"] is False
+    assert mixer["in_proj_zx"]["kernel"] is True and mixer["conv_x_w"] is True and mask["embed"] is True
+    for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        axes = v.get_metadata()["out_sharding"]
+        assert len(axes) == len(v.shape)
+    assert nnx.state(m, nnx.Param)["groups"]["blocks"][0]["mixer"]["A_log"].get_metadata()["out_sharding"] == (
+        "layers", "ssm_heads")
+
+
+def test_untied_head_adds_its_parameters():
+    tied = count_params(build_model(_cfg(), seed=0))
+    untied = count_params(build_model(_cfg(tie_embeddings=False), seed=0))
+    assert untied - tied == 32 * 384
+
+
+def test_block_pattern_parsing_and_errors():
+    assert parse_block_pattern("mamba2*3") == ("mamba2",) * 3
+    assert parse_block_pattern("mamba2, mamba2*2") == ("mamba2",) * 3
+    with pytest.raises(ValueError, match="unknown block type 'mamba3'"):
+        parse_block_pattern("mamba2*6,mamba3")
+    with pytest.raises(ValueError, match="repeat count"):
+        parse_block_pattern("mamba2*0")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in config.model: \['d_modle'\]"):
+        ModelConfig.from_dict(dict(vocab_size=10, d_model=8, num_groups=1, d_modle=3))
+    with pytest.raises(ValueError, match="config.model.mamba"):
+        ModelConfig.from_dict(dict(vocab_size=10, d_model=8, num_groups=1, mamba=dict(dstate=3)))
+    with pytest.raises(ValueError, match="model.dtype"):
+        _cfg(dtype="float8")
+    with pytest.raises(ValueError, match="num_groups"):
+        _cfg(num_groups=0)

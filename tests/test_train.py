@@ -1,0 +1,84 @@
+"""End to end: the README's main job (shortened), resume, refusal of a foreign workdir, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from taipan_jax.checkpointing import IncompatibleCheckpointError
+from taipan_jax.train import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-m", "taipan_jax.train", *args], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=timeout,
+    )
+
+
+SHORT = [
+    "--config=configs/tiny.py", "--config.train.steps=60", "--config.checkpoint.every_steps=30",
+    "--config.train.log_every=10", "--config.train.eval_every=0", "--config.train.eval_batches=2",
+    "--config.sample.num_tokens=40",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("tiny"))
+    proc = _cli(*SHORT, f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, proc.stdout
+
+
+def test_tiny_run_learns_checkpoints_evaluates_and_samples(trained):
+    workdir, out = trained
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    assert rows[-1]["step"] == 60
+    assert last <= 0.7 * first, (first, last)  # loss falls by >= 30%
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-2:] == ["30", "60"]
+    result = json.load(open(os.path.join(workdir, "result.json")))
+    assert 0 < result["heldout_bpb"] < 8.0  # below a uniform byte model
+    assert "held-out (kjv)" in out and "bits/byte" in out
+    assert result["sample"].startswith("ROMEO:\n") and len(result["sample"]) > len("ROMEO:\n")
+    assert "sample:" in out
+
+
+def test_resume_continues_from_latest_checkpoint(trained, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(trained[0], workdir)
+    config = tiny.get_config()
+    config.train.steps = 65
+    config.train.eval_batches = 1
+    config.sample.num_tokens = 0
+    result = run(config, workdir)
+    assert result["step"] == 65
+    assert "65" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_workdir_of_another_model_is_refused_untouched(trained, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "other")
+    shutil.copytree(trained[0], workdir)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    config = tiny.get_config()
+    config.model.d_model = 64
+    with pytest.raises(IncompatibleCheckpointError, match="different model.*d_model"):
+        run(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    proc = _cli("--config=configs/tiny.py", "--config.train.stepz=3", f"--workdir={tmp_path}")
+    assert proc.returncode != 0
+    assert "stepz" in proc.stderr
