@@ -1,4 +1,8 @@
-"""A tiny model that trains in minutes on a CPU, on the offline Shakespeare corpus (bytes)."""
+"""A tiny Taipan that trains in minutes on a CPU, on the offline Shakespeare corpus (bytes).
+
+Two groups of (2 Mamba-2 blocks + 1 SAL); the SAL window (128) is shorter than the context (256)
+so the sliding window is exercised.
+"""
 
 from taipan_jax.config import base_config
 
@@ -7,11 +11,15 @@ def get_config():
     c = base_config()
     c.model.d_model = 128
     c.model.num_groups = 2
-    c.model.block_pattern = "mamba2"
+    c.model.block_pattern = "mamba2*2,sal"
     c.model.dtype = "float32"
     c.model.mamba.d_state = 32
     c.model.mamba.headdim = 32
     c.model.mamba.chunk_size = 64
+    c.model.sal.num_heads = 4
+    c.model.sal.num_kv_heads = 4
+    c.model.sal.head_dim = 32
+    c.model.sal.window = 128
     c.data.seq_len = 256
     c.train.steps = 300
     c.train.global_batch_size = 16

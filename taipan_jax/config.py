@@ -34,6 +34,16 @@ def base_config() -> ml_collections.ConfigDict:
                 dt_limit=(0.0, float("inf")), D_has_hdim=False, conv_bias=True, bias=False,
                 ssd_impl="auto",
             ),
+            attention=dict(
+                num_heads=12, num_kv_heads=12, head_dim=64, positional="rope", rope_theta=10_000.0,
+                window=0, d_intermediate=0, impl="", max_decode_len=8192,
+            ),
+            sal=dict(
+                capacity=0.15, budget_weight=1.0, tau=1.0, tau_min=0.5, tau_anneal_rate=0.0,
+                gate="linear", gate_hidden=0, num_heads=12, num_kv_heads=12, head_dim=64,
+                window=2048, positional="none", rope_theta=10_000.0, kv_source="all",
+                attention="dense", capacity_factor=2.0, gate_init_frac=0.0, d_intermediate=0, impl="auto",
+            ),
         )
     )
 

@@ -24,6 +24,7 @@ from flax import nnx
 
 from taipan_jax.layers.common import RMSNorm, SwiGLU, make_param, normal
 from taipan_jax.layers.mamba2 import Mamba2Mixer, mamba2_kwargs
+from taipan_jax.layers.sal import AttentionBlock, SALBlock
 from taipan_jax.model_config import ModelConfig
 from taipan_jax.sharding import constrain
 
@@ -57,8 +58,8 @@ class Mamba2Block(nnx.Module):
             h = h + self.mlp(self.mlp_norm(h)).astype(h.dtype)
         return h
 
-    def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False):
-        del key, train
+    def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False, step=None):
+        del key, train, step
         out = self.mixer(self.norm(h), segment_ids=segment_ids, cache=cache, return_cache=return_cache)
         out, new_cache = out if return_cache else (out, None)
         h = self._mlp(h + out.astype(h.dtype))
@@ -70,7 +71,7 @@ class Mamba2Block(nnx.Module):
         return self._mlp(h), cache
 
 
-BLOCKS = {"mamba2": Mamba2Block}
+BLOCKS = {"mamba2": Mamba2Block, "sal": SALBlock, "attention": AttentionBlock}
 
 
 class BlockGroup(nnx.Module):
@@ -83,13 +84,13 @@ class BlockGroup(nnx.Module):
     def init_cache(self, batch: int):
         return [b.init_cache(batch) for b in self.blocks]
 
-    def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False):
+    def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False, step=None):
         caches, aux = [], {}
         keys = [None] * len(self.blocks) if key is None else list(jax.random.split(key, len(self.blocks)))
         for i, block in enumerate(self.blocks):
             h, c, a = block(
                 h, segment_ids=segment_ids, cache=None if cache is None else cache[i],
-                return_cache=return_cache, key=keys[i], train=train,
+                return_cache=return_cache, key=keys[i], train=train, step=step,
             )
             caches.append(c)
             for k, v in a.items():
@@ -181,10 +182,13 @@ class LanguageModel(nnx.Module):
         return_cache: bool = False,
         key: jax.Array | None = None,
         train: bool = False,
+        step: jax.Array | None = None,
     ):
         """``tokens (b, l) int32`` -> ``(logits (b, l, V_pad) f32, aux)`` [+ cache].
 
-        ``aux`` maps metric names to arrays stacked over the ``num_groups`` axis.
+        ``train=True`` samples the SALs' Gumbel noise from ``key`` (and anneals tau by ``step``);
+        evaluation selects deterministically. ``aux`` maps metric names
+        (``"<index in group>_<block type>/<metric>"``) to arrays stacked over the ``num_groups`` axis.
         """
         cfg = self.cfg
         h = self._embed(tokens)
@@ -192,7 +196,8 @@ class LanguageModel(nnx.Module):
         keys = None if key is None else jax.random.split(key, n)
 
         def run_group(group, h, c, k):
-            return group(h, segment_ids=segment_ids, cache=c, return_cache=return_cache, key=k, train=train)
+            return group(h, segment_ids=segment_ids, cache=c, return_cache=return_cache, key=k, train=train,
+                         step=step)
 
         if cfg.remat == "full":
             run_group = nnx.remat(run_group)
@@ -242,6 +247,12 @@ def abstract_model(cfg: ModelConfig) -> LanguageModel:
 def count_params(model: nnx.Module) -> int:
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     return int(sum(math.prod(x.shape) for x in leaves))
+
+
+def sal_budget_loss(aux: dict) -> jax.Array:
+    """Sum over every SAL of its budget term (Eq. 7's sum over N SALs)."""
+    terms = [jnp.sum(v) for k, v in aux.items() if k.endswith("sal/budget_loss")]
+    return sum(terms) if terms else jnp.zeros((), jnp.float32)
 
 
 def weight_decay_mask(params_state: nnx.State) -> Any:

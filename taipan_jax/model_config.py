@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-BLOCK_TYPES = ("mamba2",)
+BLOCK_TYPES = ("mamba2", "sal", "attention")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -52,6 +52,89 @@ class Mamba2Config:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """The ``attention`` block (Transformer++ layer / Jamba-style attention): RoPE, full causal."""
+
+    num_heads: int = 12
+    num_kv_heads: int = 12
+    head_dim: int = 64
+    positional: str = "rope"  # rope | none
+    rope_theta: float = 10_000.0
+    window: int = 0  # 0 = full causal attention
+    d_intermediate: int = 0  # SwiGLU width; 0 = int(8 d / 3) rounded up to 128
+    impl: str = ""  # jax.nn.dot_product_attention implementation: "" (best available) | xla | cudnn
+    max_decode_len: int = 8192  # KV-cache length for decoding when window == 0
+
+    def validate(self, where: str = "model.attention") -> None:
+        for name in ("num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{where}.num_heads must be a multiple of num_kv_heads")
+        if self.positional not in ("rope", "none"):
+            raise ValueError(f"{where}.positional must be 'rope' or 'none', got {self.positional!r}")
+        if self.window < 0:
+            raise ValueError(f"{where}.window must be >= 0 (0 = full causal), got {self.window}")
+        if self.impl not in ("", "xla", "cudnn"):
+            raise ValueError(f"{where}.impl must be '', 'xla' or 'cudnn', got {self.impl!r}")
+        if self.max_decode_len <= 0:
+            raise ValueError(f"{where}.max_decode_len must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SALConfig:
+    """The Selective Attention Layer. Defaults and reasons: docs/assumptions.md."""
+
+    capacity: float = 0.15  # C: target fraction of tokens that attend
+    budget_weight: float = 1.0  # lambda of the budget loss
+    tau: float = 1.0  # Gumbel-softmax temperature
+    tau_min: float = 0.5
+    tau_anneal_rate: float = 0.0  # tau_t = max(tau_min, tau * exp(-rate * step)); 0 = constant
+    gate: str = "linear"  # linear | mlp
+    gate_hidden: int = 0  # mlp gate width (0 = d_model // 4)
+    num_heads: int = 12
+    num_kv_heads: int = 12
+    head_dim: int = 64
+    window: int = 2048
+    positional: str = "none"  # none | rope
+    rope_theta: float = 10_000.0
+    kv_source: str = "all"  # all | selected
+    attention: str = "dense"  # dense | gathered
+    capacity_factor: float = 2.0  # gathered mode buffer: k_max = ceil(capacity_factor * C * L)
+    gate_init_frac: float = 0.0  # initial P(select) set through the gate bias; 0 = C
+    d_intermediate: int = 0  # SwiGLU width; 0 = int(8 d / 3) rounded up to 128
+    impl: str = "auto"  # pallas_kernels.gathered_attention impl (gathered mode)
+
+    def validate(self) -> None:
+        w = "model.sal"
+        if not 0.0 < self.capacity <= 1.0:
+            raise ValueError(f"{w}.capacity (C) must be in (0, 1], got {self.capacity}")
+        if self.window <= 0:
+            raise ValueError(f"{w}.window must be > 0, got {self.window}")
+        if self.budget_weight < 0:
+            raise ValueError(f"{w}.budget_weight must be >= 0")
+        if not 0 < self.tau_min <= self.tau:
+            raise ValueError(f"{w}: need 0 < tau_min <= tau, got tau={self.tau}, tau_min={self.tau_min}")
+        if self.gate not in ("linear", "mlp"):
+            raise ValueError(f"{w}.gate must be 'linear' or 'mlp', got {self.gate!r}")
+        if self.kv_source not in ("all", "selected"):
+            raise ValueError(f"{w}.kv_source must be 'all' or 'selected', got {self.kv_source!r}")
+        if self.attention not in ("dense", "gathered"):
+            raise ValueError(f"{w}.attention must be 'dense' or 'gathered', got {self.attention!r}")
+        if not 0.0 <= self.gate_init_frac < 1.0:
+            raise ValueError(f"{w}.gate_init_frac must be in [0, 1) (0 = capacity), got {self.gate_init_frac}")
+        if self.capacity_factor <= 0:
+            raise ValueError(f"{w}.capacity_factor must be > 0")
+        if self.positional not in ("rope", "none"):
+            raise ValueError(f"{w}.positional must be 'rope' or 'none', got {self.positional!r}")
+        for name in ("num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{w}.{name} must be > 0")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{w}.num_heads must be a multiple of num_kv_heads")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     d_model: int
@@ -66,15 +149,19 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"  # none | full
     mamba: Mamba2Config = dataclasses.field(default_factory=Mamba2Config)
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    sal: SALConfig = dataclasses.field(default_factory=SALConfig)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         d = dict(d)
         _check_keys(cls, d, "config.model")
-        mamba = d.pop("mamba", {}) or {}
-        _check_keys(Mamba2Config, mamba, "config.model.mamba")
-        mamba = {k: tuple(v) if isinstance(v, list) else v for k, v in mamba.items()}
-        cfg = cls(**d, mamba=Mamba2Config(**mamba))
+        subs = {}
+        for key, sub_cls in (("mamba", Mamba2Config), ("attention", AttentionConfig), ("sal", SALConfig)):
+            sub = dict(d.pop(key, {}) or {})
+            _check_keys(sub_cls, sub, f"config.model.{key}")
+            subs[key] = sub_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()})
+        cfg = cls(**d, **subs)
         cfg.validate()
         return cfg
 
@@ -119,8 +206,12 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
         if self.remat not in ("none", "full"):
             raise ValueError(f"model.remat must be 'none' or 'full', got {self.remat!r}")
-        self.group  # parses and validates the pattern
+        group = self.group  # parses and validates the pattern
         self.mamba.validate()
+        if "attention" in group:
+            self.attention.validate()
+        if "sal" in group:
+            self.sal.validate()
 
 
 def parse_block_pattern(pattern: str) -> tuple[str, ...]:

@@ -134,8 +134,11 @@ def run(config, workdir: str) -> dict:
             t0, tokens_since = time.time(), 0
             history.append(m)
             last = m
+            sel = [v for k, v in m.items() if k.endswith("sal/selected_frac")]
+            sal = (f"  sel {np.mean(sel):.3f} ({' '.join(f'{v:.2f}' for v in sel)})  budget {m['budget_loss']:.4f}"
+                   if sel else "")
             _log(f"step {step:6d}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  gnorm {m['grad_norm']:.3f}  "
-                 f"tok/s {m['tokens_per_sec']:,.0f}")
+                 f"tok/s {m['tokens_per_sec']:,.0f}{sal}")
             if jax.process_index() == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(m) + "\n")

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from taipan_jax.model import LanguageModel, abstract_model, weight_decay_mask
+from taipan_jax.model import LanguageModel, abstract_model, sal_budget_loss, weight_decay_mask
 from taipan_jax.model_config import ModelConfig
 from taipan_jax.sharding import logical_rules, logical_to_mesh
 
@@ -98,15 +98,20 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-def loss_and_metrics(model: LanguageModel, batch: Mapping[str, jax.Array], *, key=None, train=False):
-    logits, aux = model(batch["inputs"], segment_ids=batch.get("segment_ids"), key=key, train=train)
+def loss_and_metrics(model: LanguageModel, batch: Mapping[str, jax.Array], *, key=None, train=False, step=None):
+    """Mean token cross entropy plus ``lambda * sum_SAL budget`` (the SAL budget loss, Eq. 7)."""
+    logits, aux = model(batch["inputs"], segment_ids=batch.get("segment_ids"), key=key, train=train, step=step)
     losses = token_losses(logits, batch["targets"])
     weights = batch.get("weights")
     weights = jnp.ones_like(losses) if weights is None else weights.astype(jnp.float32)
     total = jnp.sum(weights)
     ce = jnp.sum(losses * weights) / jnp.maximum(total, 1.0)
+    budget = sal_budget_loss(aux)
+    loss = ce + model.cfg.sal.budget_weight * budget
     metrics = {"ce": ce, "tokens": total}
-    return ce, metrics, aux
+    if any(k.endswith("sal/budget_loss") for k in aux):
+        metrics["budget_loss"] = budget
+    return loss, metrics, aux
 
 
 # -- the trainer's functional core -------------------------------------------------------------
@@ -181,7 +186,7 @@ class Trainer:
     def _train_step_impl(self, state, batch, key):
         def loss_fn(params):
             model = self.model(params)
-            loss, metrics, aux = loss_and_metrics(model, batch, key=key, train=True)
+            loss, metrics, aux = loss_and_metrics(model, batch, key=key, train=True, step=state["step"])
             return loss, (metrics, aux)
 
         (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -191,8 +196,9 @@ class Trainer:
         metrics["loss"] = loss
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = self.schedule(state["step"])
-        for k, v in aux.items():
-            metrics[k] = jnp.mean(v)
+        for k, v in aux.items():  # per block type in the group, stacked over groups
+            for g in range(v.shape[0]):
+                metrics[f"group{g}/{k}"] = v[g]
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     def train_step(self, state, batch: Mapping[str, np.ndarray], key):

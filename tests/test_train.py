@@ -26,6 +26,8 @@ SHORT = [
     "--config=configs/tiny.py", "--config.train.steps=60", "--config.checkpoint.every_steps=30",
     "--config.train.log_every=10", "--config.train.eval_every=0", "--config.train.eval_batches=2",
     "--config.sample.num_tokens=40",
+    # Start the SALs far from the budget (P(select) = 0.5) to see the budget loss pull toward C.
+    "--config.model.sal.gate_init_frac=0.5",
 ]
 
 
@@ -37,12 +39,18 @@ def trained(tmp_path_factory):
     return workdir, proc.stdout
 
 
-def test_tiny_run_learns_checkpoints_evaluates_and_samples(trained):
+def test_tiny_taipan_learns_checkpoints_evaluates_and_samples(trained):
     workdir, out = trained
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    first, last = rows[0]["loss"], rows[-1]["loss"]
+    first, last = rows[0]["ce"], rows[-1]["ce"]
     assert rows[-1]["step"] == 60
     assert last <= 0.7 * first, (first, last)  # loss falls by >= 30%
+    # Both SALs' selected fractions move from ~0.5 toward C = 0.15.
+    sel_keys = sorted(k for k in rows[0] if k.endswith("sal/selected_frac"))
+    assert len(sel_keys) == 2
+    for k in sel_keys:
+        assert rows[0][k] > 0.3 and abs(rows[-1][k] - 0.15) < abs(rows[0][k] - 0.15) - 0.15, (k, rows[0][k], rows[-1][k])
+    assert "sel " in out
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-2:] == ["30", "60"]
     result = json.load(open(os.path.join(workdir, "result.json")))
     assert 0 < result["heldout_bpb"] < 8.0  # below a uniform byte model
@@ -57,6 +65,7 @@ def test_resume_continues_from_latest_checkpoint(trained, tmp_path):
     workdir = str(tmp_path / "copy")
     shutil.copytree(trained[0], workdir)
     config = tiny.get_config()
+    config.model.sal.gate_init_frac = 0.5  # as in SHORT
     config.train.steps = 65
     config.train.eval_batches = 1
     config.sample.num_tokens = 0

@@ -63,6 +63,16 @@ def constant(value: float) -> Initializer:
     return f
 
 
+def from_values(values) -> Initializer:
+    """Initialise to fixed values (broadcast to the requested shape)."""
+
+    def f(key, shape, dtype):
+        del key
+        return jnp.broadcast_to(jnp.asarray(values, dtype), shape)
+
+    return f
+
+
 def normal(stddev: float) -> Initializer:
     def f(key, shape, dtype):
         return jax.random.normal(key, shape, dtype) * stddev
@@ -85,6 +95,7 @@ class Dense(nnx.Module):
         rngs: nnx.Rngs,
         use_bias: bool = False,
         kernel_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
     ):
@@ -96,7 +107,8 @@ class Dense(nnx.Module):
         self.kernel = make_param(rngs, init, (in_features, *out), axes, param_dtype)
         if use_bias:
             self.bias = make_param(
-                rngs, torch_linear_init(in_features), out, axes[1:], param_dtype, weight_decay=False
+                rngs, bias_init or torch_linear_init(in_features), out, axes[1:], param_dtype,
+                weight_decay=False,
             )
         else:
             self.bias = None
