@@ -34,3 +34,15 @@ def test_describe_cli_prints_total_params():
         assert proc.returncode == 0, proc.stderr[-2000:]
         last = proc.stdout.strip().splitlines()[-1]
         assert last.startswith("total_params=") and int(last.split("=")[1]) > 0
+
+
+def test_docs_models_table_matches_describe():
+    import importlib
+    import re
+
+    table = open(os.path.join(ROOT, "docs", "models.md")).read()
+    rows = dict(re.findall(r"^\| `(\w+)` \|.*\| ([\d,]+) \|$", table, flags=re.M))
+    assert len(rows) >= 14
+    for name, count in rows.items():
+        cfg = ModelConfig.from_dict(importlib.import_module(f"configs.{name}").get_config().model.to_dict())
+        assert describe(cfg)[1] == int(count.replace(",", "")), name
