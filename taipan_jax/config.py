@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
                 d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256,
                 A_init_range=(1.0, 16.0), dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
                 dt_limit=(0.0, float("inf")), D_has_hdim=False, conv_bias=True, bias=False,
-                ssd_impl="auto",
+                ssd_impl="auto", ssd_interpret=False, ssd_shard_map="auto",
             ),
             attention=dict(
                 num_heads=12, num_kv_heads=12, head_dim=64, positional="rope", rope_theta=10_000.0,
@@ -74,10 +74,28 @@ def base_config() -> ml_collections.ConfigDict:
             eval_every=1000,
             eval_batches=8,
             eval_batch_size=8,
+            schedule_steps=0,  # horizon of the cosine decay; 0 = steps (set it to extend a run)
+            grad_accum_steps=1,
+            nan_policy="halt",  # halt | skip: a non-finite step is never applied either way
+            peak_tflops=0.0,  # per device, for MFU; 0 = from the device kind (taipan_jax/flops.py)
+            tensorboard=True,
         )
     )
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3))
+    c.checkpoint = ml_collections.ConfigDict(
+        dict(
+            every_steps=1000,
+            max_to_keep=3,  # the last N ...
+            keep_every=0,  # ... plus every K-th step forever (0 = none)
+            async_save=True,
+        )
+    )
+
+    # Multi-host: jax.distributed.initialize(). "auto" initialises when the environment describes a
+    # cluster (TPU pod, SLURM) or coordinator_address is given; "never" / "always" force it.
+    c.distributed = ml_collections.ConfigDict(
+        dict(initialize="auto", coordinator_address="", num_processes=0, process_id=-1)
+    )
 
     c.mesh = ml_collections.ConfigDict(
         dict(

@@ -42,8 +42,12 @@ class Mamba2Config:
     conv_bias: bool = True
     bias: bool = False
     ssd_impl: str = "auto"
+    ssd_interpret: bool = False  # run a Pallas impl in interpret mode (tests on CPU)
+    ssd_shard_map: str = "auto"  # auto (when the impl is a Pallas kernel) | always | never
 
     def validate(self) -> None:
+        if self.ssd_shard_map not in ("auto", "always", "never"):
+            raise ValueError(f"model.mamba.ssd_shard_map must be auto|always|never, got {self.ssd_shard_map!r}")
         for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.mamba.{name} must be > 0, got {getattr(self, name)}")

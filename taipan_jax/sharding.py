@@ -33,6 +33,7 @@ LOGICAL_AXES = (
     "ssm_heads",  # Mamba-2 heads
     "ssm_head_dim",  # Mamba-2 head width P
     "ssm_state",  # Mamba-2 state size N (and groups x N for B, C)
+    "ssm_groups",  # Mamba-2 B/C groups (sharded like the heads when divisible)
     "conv_kernel",  # depthwise conv taps
     "vocab",  # vocabulary
     "layers",  # stacked (scanned) repeats of a block group
@@ -54,6 +55,7 @@ DEFAULT_RULES: Rules = (
     ("ssm_heads", "tensor"),
     ("ssm_head_dim", None),
     ("ssm_state", None),
+    ("ssm_groups", "tensor"),
     ("conv_kernel", None),
     ("vocab", "tensor"),
     ("layers", None),
@@ -154,3 +156,34 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_mesh(logical, rules, shape=x.shape, mesh_shape=dict(mesh.shape))
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def shard_map_by_logical(fn, args: tuple, in_logical: tuple, out_logical, *, check_vma: bool = False):
+    """Run ``fn(*args)`` under ``jax.shard_map`` with specs derived from logical axis names.
+
+    Pallas kernels are custom calls that XLA cannot partition; running them per shard over the
+    batch and head axes keeps them local. ``in_logical`` gives one tuple of logical names (or None
+    for a replicated / absent argument) per argument; ``out_logical`` the same for the outputs
+    (a tuple of tuples for several outputs). Without active rules and a mesh of more than one
+    device, ``fn`` is simply called.
+    """
+    rules = _CTX.rules
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh is None or mesh.empty or mesh.size == 1:
+        return fn(*args)
+    mesh_shape = dict(mesh.shape)
+
+    def spec(names, shape):
+        if names is None or shape is None:
+            return PartitionSpec()
+        return logical_to_mesh(names, rules, shape=shape, mesh_shape=mesh_shape)
+
+    in_specs = tuple(spec(n, None if a is None else a.shape) for n, a in zip(in_logical, args))
+    out_shapes = jax.eval_shape(fn, *args)
+    multiple = isinstance(out_shapes, (tuple, list))
+    outs = out_shapes if multiple else (out_shapes,)
+    out_names = out_logical if multiple else (out_logical,)
+    out_specs = tuple(spec(n, o.shape) for n, o in zip(out_names, outs))
+    # Every dimension must be sharded identically in and out: derive each axis' mesh axes once.
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs if multiple else out_specs[0],
+                         check_vma=check_vma)(*args)

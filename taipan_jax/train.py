@@ -1,7 +1,9 @@
 """``python -m taipan_jax.train --config=configs/X.py --workdir=DIR [--config.a.b=v ...]``
 
-Trains a language model from an ml_collections config, checkpoints with orbax (resuming from the
-latest checkpoint in ``--workdir``), reports held-out bits per byte, and prints a short sample.
+The trainer: builds the mesh from ``config.mesh`` (data x fsdp x tensor, logical-axis rules),
+initialises or resumes (orbax, the latest checkpoint in ``--workdir``), trains with a jitted,
+sharded, donated train step, logs to the console, ``metrics.jsonl`` and TensorBoard (process 0
+only), evaluates held-out bits per byte, and samples. SIGTERM saves a checkpoint and exits 0.
 With no ``--config`` the embedded default (``configs/tiny.py``) is used.
 """
 
@@ -11,11 +13,9 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -23,24 +23,45 @@ from ml_collections import config_flags
 from taipan_jax.checkpointing import Checkpointer
 from taipan_jax.data import HeldoutWindows, RandomWindowStream, load_corpus
 from taipan_jax.data.vocab import get_vocabulary
+from taipan_jax.flops import peak_tflops, train_flops_per_token
 from taipan_jax.model_config import ModelConfig
 from taipan_jax.sampling import generate
 from taipan_jax.training import Trainer, make_mesh
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+_CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
+def initialize_distributed(dc) -> None:
+    """``jax.distributed.initialize`` from explicit settings or the cluster's environment."""
+    mode = dc.initialize
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"config.distributed.initialize must be auto|always|never, got {mode!r}")
+    explicit = bool(dc.coordinator_address)
+    if mode == "never" or (mode == "auto" and not explicit and not any(k in os.environ for k in _CLUSTER_ENV)):
+        return
+    if jax.distributed.is_initialized():
+        return
+    # CPU-only clusters (and tests) need a collectives implementation; GPUs/TPUs ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if explicit:
+        kwargs = dict(coordinator_address=dc.coordinator_address, num_processes=dc.num_processes,
+                      process_id=dc.process_id)
+    jax.distributed.initialize(**kwargs)
+
+
 def evaluate_heldout(trainer: Trainer, params, windows: HeldoutWindows, vocab) -> dict:
     nats, tokens, nbytes = 0.0, 0.0, 0
-    for batch in windows:
+    for batch, global_targets in windows:
         out = trainer.eval_step(params, batch)
         nats += float(out["nats"])
         tokens += float(out["tokens"])
-        nbytes += int(vocab.bytes_per_token(batch["targets"]).sum())
+        nbytes += int(vocab.bytes_per_token(global_targets).sum())
     return {
         "heldout_loss": nats / tokens,
         "heldout_ppl": math.exp(min(nats / tokens, 50.0)),
@@ -49,13 +70,13 @@ def evaluate_heldout(trainer: Trainer, params, windows: HeldoutWindows, vocab) -
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks: save a checkpoint and exit 0."""
+    """SIGTERM sets a flag; the loop then saves a checkpoint and exits 0."""
 
     def __init__(self):
         self.requested = False
         try:
             signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. called from a notebook thread)
+        except ValueError:  # not the main thread (e.g. a notebook thread)
             pass
 
     def _handle(self, signum, frame):
@@ -63,40 +84,82 @@ class _Preemption:
         self.requested = True
 
 
+class _Writer:
+    """metrics.jsonl + TensorBoard (tensorboardX, if installed), process 0 only."""
+
+    def __init__(self, workdir: str, tensorboard: bool):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if self.enabled and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                logging.warning("tensorboardX is not installed: no TensorBoard event files")
+            else:
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
 
 
+def _eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def run(config, workdir: str) -> dict:
     """Train per ``config`` in ``workdir``; returns the final metrics."""
+    initialize_distributed(config.distributed)
     os.makedirs(workdir, exist_ok=True)
     model_cfg = ModelConfig.from_dict(config.model.to_dict())
     tc, dc = config.train, config.data
+    if tc.nan_policy not in ("halt", "skip"):
+        raise ValueError(f"config.train.nan_policy must be 'halt' or 'skip', got {tc.nan_policy!r}")
     vocab = get_vocabulary(dc.vocab)
     if vocab.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the {dc.vocab!r} "
             f"vocabulary ({vocab.vocab_size})"
         )
-    train_tokens = vocab.encode(load_corpus(dc.train_corpus))
-    heldout_tokens = vocab.encode(load_corpus(dc.heldout_corpus))
-    stream = RandomWindowStream(
-        train_tokens, seq_len=dc.seq_len, global_batch_size=tc.global_batch_size, seed=tc.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )
-    heldout = HeldoutWindows(heldout_tokens, seq_len=dc.seq_len, batch_size=tc.eval_batch_size, num_batches=tc.eval_batches)
-
     mesh = make_mesh(config.mesh.shape.to_dict())
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if tc.global_batch_size % dp:
+    if tc.global_batch_size % (dp * tc.grad_accum_steps):
         raise ValueError(
             f"config.train.global_batch_size={tc.global_batch_size} is not divisible by the "
-            f"data-parallel size {dp} (mesh data x fsdp)"
+            f"data-parallel size {dp} (mesh data x fsdp) x grad_accum_steps {tc.grad_accum_steps}"
         )
+    pi, pc = jax.process_index(), jax.process_count()
+    stream = RandomWindowStream(
+        vocab.encode(load_corpus(dc.train_corpus)), seq_len=dc.seq_len,
+        global_batch_size=tc.global_batch_size, seed=tc.seed, process_index=pi, process_count=pc,
+    )
+    heldout = HeldoutWindows(
+        vocab.encode(load_corpus(dc.heldout_corpus)), seq_len=dc.seq_len, batch_size=tc.eval_batch_size,
+        num_batches=tc.eval_batches, process_index=pi, process_count=pc,
+    )
     trainer = Trainer(model_cfg, tc, mesh, config.mesh.rules)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep)
-    meta_base = {"model_config": model_cfg.to_dict(), "data": {"stream": "random_windows", "seed": tc.seed}}
+    ck = config.checkpoint
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=ck.max_to_keep,
+                        keep_period=ck.keep_every or None, async_save=ck.async_save)
+    meta_base = {"model_config": model_cfg.to_dict()}
 
     latest = ckpt.latest_step()
     if latest is not None:
@@ -107,55 +170,72 @@ def run(config, workdir: str) -> dict:
         state = trainer.init_state(tc.seed)
     start = int(state["step"])
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    flops_per_token = train_flops_per_token(model_cfg, dc.seq_len)
+    peak = tc.peak_tflops or peak_tflops(jax.devices()[0].device_kind)
     _log(f"model: {len(model_cfg.blocks)} blocks ({model_cfg.block_pattern} x {model_cfg.num_groups}), "
-         f"d_model={model_cfg.d_model}, params={n_params:,}; mesh={dict(mesh.shape)}; steps {start}->{tc.steps}")
+         f"d_model={model_cfg.d_model}, params={n_params:,}; mesh={dict(mesh.shape)} over {jax.device_count()} "
+         f"devices / {pc} processes; steps {start}->{tc.steps}; {flops_per_token / 1e9:.3f} GFLOP/token (train)")
 
     base_key = jax.random.key(tc.seed)
     preempt = _Preemption()
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    history = []
-    t0, tokens_since = time.time(), 0
-    step = start
-    last = {}
-    while step < tc.steps:
-        batch = stream.batch(step)
-        state, metrics = trainer.train_step(state, batch, jax.random.fold_in(base_key, step))
-        step += 1
-        tokens_since += batch["inputs"].size * jax.process_count()
-        if step % tc.log_every == 0 or step == tc.steps or step == start + 1:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(m["loss"]):
-                raise NonFiniteLossError(
-                    f"loss is {m['loss']} at step {step}; not checkpointing it (last good checkpoint: "
-                    f"{ckpt.latest_step()})"
-                )
-            dt = time.time() - t0
-            m.update(step=step, tokens_per_sec=tokens_since / max(dt, 1e-9))
-            t0, tokens_since = time.time(), 0
-            history.append(m)
-            last = m
-            sel = [v for k, v in m.items() if k.endswith("sal/selected_frac")]
-            sal = (f"  sel {np.mean(sel):.3f} ({' '.join(f'{v:.2f}' for v in sel)})  budget {m['budget_loss']:.4f}"
-                   if sel else "")
-            _log(f"step {step:6d}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  gnorm {m['grad_norm']:.3f}  "
-                 f"tok/s {m['tokens_per_sec']:,.0f}{sal}")
-            if jax.process_index() == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-            ev = evaluate_heldout(trainer, state["params"], heldout, vocab)
-            _log(f"step {step:6d}  heldout loss {ev['heldout_loss']:.4f}  bpb {ev['heldout_bpb']:.4f}")
-        if step % config.checkpoint.every_steps == 0 or step == tc.steps or preempt.requested:
-            if not math.isfinite(float(metrics["loss"])):
-                raise NonFiniteLossError(f"loss is not finite at step {step}; not checkpointing it")
-            ckpt.save(step, state, {**meta_base, "step": step}, force=True)
-        if preempt.requested:
-            ckpt.close()
-            _log(f"SIGTERM: checkpoint saved at step {step}; exiting")
-            return {"preempted": True, "step": step}
+    writer = _Writer(workdir, tc.tensorboard)
+    history: list[dict] = []
+    t_start = t0 = time.time()
+    tokens_since, step = 0, start
+
+    def save(step, state):
+        ckpt.save(step, state, {**meta_base, "step": step, "data": {"stream": "random_windows", "seed": tc.seed,
+                                                                     "next_step": step}}, force=True)
+
+    try:
+        while step < tc.steps:
+            state, metrics = trainer.train_step(state, stream.batch(step), jax.random.fold_in(base_key, step))
+            step += 1
+            tokens_since += tc.global_batch_size * dc.seq_len
+            boundary = step % tc.log_every == 0 or step == tc.steps or step == start + 1
+            will_save = step % ck.every_steps == 0 or step == tc.steps or preempt.requested
+            if boundary or will_save:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if m["nonfinite"] and tc.nan_policy == "halt":
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient at step {step} (loss={m['loss']}); the update was not "
+                        f"applied and will not be checkpointed. Last checkpoint: {ckpt.latest_step()}. "
+                        "Set --config.train.nan_policy=skip to skip such steps instead."
+                    )
+            if boundary:
+                dt = time.time() - t0
+                tps = tokens_since / max(dt, 1e-9)
+                m.update(tokens_per_sec=tps, tokens_per_sec_per_device=tps / jax.device_count(),
+                         nonfinite_steps=float(state["nonfinite_steps"]))
+                if peak:
+                    m["mfu"] = tps * flops_per_token / (peak * 1e12 * jax.device_count())
+                t0, tokens_since = time.time(), 0
+                history.append({"step": step, **m})
+                writer.write(step, m)
+                sel = [v for k, v in m.items() if k.endswith("sal/selected_frac")]
+                sal = (f"  sel {np.mean(sel):.3f} ({' '.join(f'{v:.2f}' for v in sel)})  budget {m['budget_loss']:.4f}"
+                       if sel else "")
+                mfu = f"  mfu {m['mfu']:.1%}" if "mfu" in m else ""
+                eta = (time.time() - t_start) / max(step - start, 1) * (tc.steps - step)
+                _log(f"step {step:6d}/{tc.steps} [{100 * step / tc.steps:3.0f}%]  loss {m['loss']:.4f}  "
+                     f"lr {m['lr']:.2e}  gnorm {m['grad_norm']:.3f}  tok/s {tps:,.0f}{mfu}{sal}  eta {_eta(eta)}")
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                ev = evaluate_heldout(trainer, state["params"], heldout, vocab)
+                writer.write(step, ev)
+                _log(f"step {step:6d}  heldout loss {ev['heldout_loss']:.4f}  bpb {ev['heldout_bpb']:.4f}")
+            if will_save:
+                save(step, state)
+            if preempt.requested:
+                ckpt.close()
+                _log(f"SIGTERM: checkpoint saved at step {step}; exiting")
+                return {"preempted": True, "step": step}
+    finally:
+        writer.close()
 
     ckpt.close()
-    result = {"step": step, "train_loss": last.get("loss"), "first_loss": history[0]["loss"] if history else None}
+    result = {"step": step, "train_loss": history[-1]["loss"] if history else None,
+              "first_loss": history[0]["loss"] if history else None,
+              "nonfinite_steps": int(state["nonfinite_steps"])}
     result.update(evaluate_heldout(trainer, state["params"], heldout, vocab))
     _log(f"held-out ({dc.heldout_corpus}): loss {result['heldout_loss']:.4f} nats/token, "
          f"bits/byte {result['heldout_bpb']:.4f}")

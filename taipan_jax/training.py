@@ -74,9 +74,10 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
 
 # -- optimizer ---------------------------------------------------------------------------------
 def lr_schedule(tc) -> optax.Schedule:
-    """Linear warm-up to ``lr`` then cosine decay to ``min_lr`` at ``steps``."""
+    """Linear warm-up to ``lr`` then cosine decay to ``min_lr`` at ``schedule_steps`` (or ``steps``)."""
     warmup = max(int(tc.warmup_steps), 0)
-    decay_steps = max(int(tc.steps) - warmup, 1)
+    horizon = int(tc.get("schedule_steps", 0) or tc.steps)
+    decay_steps = max(horizon - warmup, 1)
     cosine = optax.cosine_decay_schedule(tc.lr, decay_steps, alpha=tc.min_lr / tc.lr if tc.lr else 0.0)
     if warmup == 0:
         return cosine
@@ -120,6 +121,9 @@ class Trainer:
 
     def __init__(self, model_cfg: ModelConfig, train_cfg, mesh: Mesh, rules):
         self.cfg, self.tc, self.mesh, self.rules = model_cfg, train_cfg, mesh, tuple(map(tuple, rules))
+        self.accum = int(train_cfg.grad_accum_steps)
+        if self.accum < 1:
+            raise ValueError(f"config.train.grad_accum_steps must be >= 1, got {self.accum}")
         abs_model = abstract_model(model_cfg)
         self.graphdef, abs_params = nnx.split(abs_model, nnx.Param)
         self.abs_params = abs_params
@@ -132,7 +136,8 @@ class Trainer:
         def init(seed):
             model = LanguageModel(model_cfg, rngs=nnx.Rngs(params=jax.random.key(seed)))
             params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
+                    "nonfinite_steps": jnp.zeros((), jnp.int32)}
 
         abs_state = jax.eval_shape(lambda: init(0))
         self.state_sharding = self._state_sharding(abs_state)
@@ -174,7 +179,8 @@ class Trainer:
             shard_opt, abs_state["opt_state"],
             is_leaf=lambda n: jax.tree.structure(n) == param_treedef if isinstance(n, dict) else False,
         )
-        return {"step": self.replicated, "params": self.param_sharding, "opt_state": opt}
+        return {"step": self.replicated, "params": self.param_sharding, "opt_state": opt,
+                "nonfinite_steps": self.replicated}
 
     def model(self, params) -> LanguageModel:
         return nnx.merge(self.graphdef, nnx.State(params))
@@ -183,27 +189,65 @@ class Trainer:
         with self._context():
             return self._init(int(seed))
 
-    def _train_step_impl(self, state, batch, key):
-        def loss_fn(params):
-            model = self.model(params)
-            loss, metrics, aux = loss_and_metrics(model, batch, key=key, train=True, step=state["step"])
-            return loss, (metrics, aux)
+    def _grads(self, params, batch, key, step):
+        """Loss, metrics and gradients, accumulated over ``grad_accum_steps`` micro-batches."""
 
-        (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        def loss_fn(params, micro, key):
+            model = self.model(params)
+            loss, metrics, aux = loss_and_metrics(model, micro, key=key, train=True, step=step)
+            metrics = dict(metrics)
+            for k, v in aux.items():  # per block type in the group, stacked over groups
+                for g in range(v.shape[0]):
+                    metrics[f"group{g}/{k}"] = v[g]
+            return loss, metrics
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        n = self.accum
+        if n == 1:
+            (loss, metrics), grads = grad_fn(params, batch, key)
+            return loss, metrics, grads
+        micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), dict(batch))
+
+        def body(carry, inp):
+            mb, k = inp
+            (loss, metrics), grads = grad_fn(params, mb, k)
+            acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+            return acc, None
+
+        (loss_s, metrics_s), grads_s = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), key)
+        init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (loss_s, metrics_s, grads_s))
+        (loss, metrics, grads), _ = jax.lax.scan(body, init, (micro, jax.random.split(key, n)))
+        scale = 1.0 / n
+        metrics = {k: (v if k == "tokens" else v * scale) for k, v in metrics.items()}
+        return loss * scale, metrics, jax.tree.map(lambda g: g * scale, grads)
+
+    def _train_step_impl(self, state, batch, key):
+        loss, metrics, grads = self._grads(state["params"], batch, key, state["step"])
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        # A non-finite loss or gradient never reaches the parameters (so it is never checkpointed):
+        # the update is skipped in-graph and counted; the host decides to halt or go on.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         metrics = dict(metrics)
-        metrics["loss"] = loss
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["lr"] = self.schedule(state["step"])
-        for k, v in aux.items():  # per block type in the group, stacked over groups
-            for g in range(v.shape[0]):
-                metrics[f"group{g}/{k}"] = v[g]
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        metrics.update(loss=loss, grad_norm=grad_norm, lr=self.schedule(state["step"]),
+                       nonfinite=(~finite).astype(jnp.float32))
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
+        }
+        return new_state, metrics
+
+    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Assemble this process's rows into global arrays sharded over the data axes."""
+        return {k: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(v)) for k, v in local.items()}
 
     def train_step(self, state, batch: Mapping[str, np.ndarray], key):
         with self._context():
-            return self._train_step(state, batch, key)
+            return self._train_step(state, self.global_batch(batch), key)
 
     def _eval_step_impl(self, params, batch):
         model = self.model(params)
@@ -213,4 +257,4 @@ class Trainer:
 
     def eval_step(self, params, batch):
         with self._context():
-            return self._eval_step(params, batch)
+            return self._eval_step(params, self.global_batch(batch))

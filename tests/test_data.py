@@ -52,7 +52,7 @@ def test_stream_and_heldout_errors():
 
 def test_heldout_windows_are_contiguous():
     toks = np.arange(100, dtype=np.int32)
-    batches = list(HeldoutWindows(toks, seq_len=5, batch_size=2, num_batches=3))
+    batches = [b for b, _ in HeldoutWindows(toks, seq_len=5, batch_size=2, num_batches=3)]
     assert len(batches) == 3
     flat = np.concatenate([b["inputs"].reshape(-1) for b in batches])
     np.testing.assert_array_equal(flat, np.arange(30))

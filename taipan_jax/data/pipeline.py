@@ -52,7 +52,18 @@ class RandomWindowStream:
 
 
 class HeldoutWindows:
-    def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batches: int):
+    """Yields ``(local_batch, global_targets)``: this process's rows and the whole batch's targets."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        *,
+        seq_len: int,
+        batch_size: int,
+        num_batches: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         tokens = np.asarray(tokens, dtype=np.int32)
         need = batch_size * num_batches * seq_len + 1
         if tokens.size < need:
@@ -60,7 +71,11 @@ class HeldoutWindows:
                 f"held-out corpus has {tokens.size} tokens; {num_batches} batches of "
                 f"{batch_size} x {seq_len} need {need}"
             )
+        if batch_size % process_count:
+            raise ValueError(f"eval batch {batch_size} is not divisible by the process count {process_count}")
         self.tokens, self.seq_len, self.batch_size, self.num_batches = tokens, seq_len, batch_size, num_batches
+        self.local = batch_size // process_count
+        self.lo = process_index * self.local
 
     def __iter__(self):
         n = self.batch_size * self.seq_len
@@ -68,4 +83,5 @@ class HeldoutWindows:
             chunk = self.tokens[b * n : b * n + n + 1]
             inputs = chunk[:-1].reshape(self.batch_size, self.seq_len)
             targets = chunk[1:].reshape(self.batch_size, self.seq_len)
-            yield {"inputs": inputs, "targets": targets}
+            rows = slice(self.lo, self.lo + self.local)
+            yield {"inputs": inputs[rows], "targets": targets[rows]}, targets

@@ -34,7 +34,7 @@ from taipan_jax.layers.common import (
     scaled,
     torch_linear_init,
 )
-from taipan_jax.sharding import constrain
+from taipan_jax.sharding import constrain, shard_map_by_logical
 
 Cache = dict[str, jax.Array]
 
@@ -133,6 +133,8 @@ class Mamba2Mixer(nnx.Module):
         norm_eps: float = 1e-5,
         out_scale: float = 1.0,
         ssd_impl: str = "auto",
+        ssd_interpret: bool = False,
+        ssd_shard_map: str = "auto",
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
     ):
@@ -147,6 +149,7 @@ class Mamba2Mixer(nnx.Module):
         self.d_model, self.d_inner, self.nheads = d_model, d_inner, nheads
         self.headdim, self.d_state, self.ngroups, self.d_conv = headdim, d_state, ngroups, d_conv
         self.chunk_size, self.dt_limit, self.ssd_impl = chunk_size, tuple(dt_limit), ssd_impl
+        self.ssd_interpret, self.ssd_shard_map = ssd_interpret, ssd_shard_map
         self.dtype = dtype
         gn = ngroups * d_state
         common = dict(rngs=rngs, use_bias=bias, dtype=dtype, param_dtype=param_dtype)
@@ -190,6 +193,45 @@ class Mamba2Mixer(nnx.Module):
         cbb = None if self.conv_bc_b is None else self.conv_bc_b[...]
         return self.conv_x_w[...], cxb, self.conv_bc_w[...], cbb
 
+    def _ssd(self, x, dt, A, B, C, D, dt_bias, initial_state, segment_ids):
+        """The SSD op; under ``jax.shard_map`` over batch and heads when it is a Pallas kernel.
+
+        XLA cannot partition a Pallas custom call, so the kernel runs per shard: batch over the
+        data axes, heads (and B/C groups when they divide) over the tensor axis.
+        """
+        optional = {"initial_state": initial_state, "segment_ids": segment_ids}
+        present = [k for k, v in optional.items() if v is not None]
+
+        def fn(x, dt, A, B, C, D, dt_bias, *opt):
+            kw = dict(zip(present, opt))
+            return pallas_kernels.ssd(
+                x, dt, A, B, C, chunk_size=self.chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
+                dt_min=self.dt_limit[0], dt_max=self.dt_limit[1], return_final_state=True,
+                impl=self.ssd_impl, interpret=self.ssd_interpret, **kw,
+            )
+
+        args = (x, dt, A, B, C, D, dt_bias, *(optional[k] for k in present))
+        mode = self.ssd_shard_map
+        kernel = self.ssd_impl.startswith("pallas") or (
+            self.ssd_impl == "auto" and jax.default_backend() in ("gpu", "tpu")
+        )
+        if mode == "never" or (mode == "auto" and not kernel):
+            return fn(*args)
+        mesh = jax.sharding.get_abstract_mesh()
+        tp = 1 if mesh is None or mesh.empty else int(dict(mesh.shape).get("tensor", 1))
+        # Heads may be split only if every shard keeps whole groups (or there is one group).
+        heads = "ssm_heads" if (self.ngroups == 1 or self.ngroups % tp == 0) else None
+        groups = "ssm_groups" if heads else None
+        d_axes = (heads,) if D.ndim == 1 else (heads, None)
+        logical_opt = {"initial_state": ("batch", heads, None, None), "segment_ids": ("batch", None)}
+        return shard_map_by_logical(
+            fn, args,
+            in_logical=(("batch", None, heads, None), ("batch", None, heads), (heads,),
+                        ("batch", None, groups, None), ("batch", None, groups, None), d_axes, (heads,),
+                        *(logical_opt[k] for k in present)),
+            out_logical=(("batch", None, heads, None), ("batch", heads, None, None)),
+        )
+
     def init_cache(self, batch: int) -> Cache:
         k, gn = self.d_conv, self.ngroups * self.d_state
         return {
@@ -218,12 +260,9 @@ class Mamba2Mixer(nnx.Module):
         B = bcc[..., 0, :].astype(self.dtype).reshape(bsz, l, self.ngroups, self.d_state)
         C = bcc[..., 1, :].astype(self.dtype).reshape(bsz, l, self.ngroups, self.d_state)
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        y, final_state = pallas_kernels.ssd(
-            x, dt.astype(jnp.float32), A, B, C,
-            chunk_size=self.chunk_size, D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True,
-            dt_min=self.dt_limit[0], dt_max=self.dt_limit[1],
-            initial_state=None if cache is None else cache["ssm"], segment_ids=segment_ids,
-            return_final_state=True, impl=self.ssd_impl,
+        y, final_state = self._ssd(
+            x, dt.astype(jnp.float32), A, B, C, self.D[...], self.dt_bias[...],
+            None if cache is None else cache["ssm"], segment_ids,
         )
         y = y.reshape(bsz, l, self.d_inner)
         out = self.out_proj(self.norm(y, z))
@@ -278,5 +317,5 @@ def mamba2_kwargs(cfg: Any) -> dict[str, Any]:
         ngroups=cfg.ngroups, chunk_size=cfg.chunk_size, A_init_range=tuple(cfg.A_init_range),
         dt_min=cfg.dt_min, dt_max=cfg.dt_max, dt_init_floor=cfg.dt_init_floor,
         dt_limit=tuple(cfg.dt_limit), D_has_hdim=cfg.D_has_hdim, conv_bias=cfg.conv_bias,
-        bias=cfg.bias, ssd_impl=cfg.ssd_impl,
+        bias=cfg.bias, ssd_impl=cfg.ssd_impl, ssd_interpret=cfg.ssd_interpret, ssd_shard_map=cfg.ssd_shard_map,
     )
