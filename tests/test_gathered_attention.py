@@ -276,7 +276,7 @@ def test_auto_warns_once_on_accelerator(monkeypatch: pytest.MonkeyPatch) -> None
         gathered_attention(*args, **kwargs)
 
 
-@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["pallas_gpu"])
 def test_pallas_impls_not_implemented(impl: str) -> None:
     args, kwargs = make_inputs(Case(62, L=10))
     with pytest.raises(NotImplementedError, match=impl):

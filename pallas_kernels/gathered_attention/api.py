@@ -8,8 +8,10 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._dispatch import default_backend, validate_impl, warn_once
+from pallas_kernels.gathered_attention import pallas_tpu
 from pallas_kernels.gathered_attention.config import GatheredAttentionBlockSizes
 from pallas_kernels.gathered_attention.reference import gathered_attention_reference
 from pallas_kernels.gathered_attention.xla import gathered_attention_xla
@@ -53,17 +55,24 @@ def gathered_attention(
     keys per query (memory ``O(sq * window)``, not ``O(sq * skv)``); it is exact when the
     valid kv positions of each row are **distinct** (strictly increasing), which is the case
     for ``kv_pos = arange(L)`` with trailing ``-1`` and for the positions of selected tokens.
-    With repeated kv positions it may drop admissible keys; use ``impl="reference"`` then.
+    With repeated kv positions it may drop admissible keys; use ``impl="reference"`` (or
+    ``"pallas_tpu"``, which visits whole kv blocks and is exact for repeated positions) then.
+
+    The ``"pallas_tpu"`` implementation is a Mosaic TPU flash-attention kernel (forward, dq and
+    dk/dv kernels) that visits, for each block of queries, only the kv blocks that intersect
+    the query block's position window; it supports float32 and bfloat16 ``q, k, v``.
 
     Args:
         window: positive int; a key ``window`` or more positions behind a query is ignored.
         sm_scale: positive score scale; defaults to ``1 / sqrt(d)``.
         q_segment_ids, kv_segment_ids: document ids (packed sequences); give both or neither.
         impl: ``"reference"`` (dense masked softmax over all pairs, the oracle), ``"xla"``
-            (blocked plain JAX over each query's window), ``"pallas_tpu"`` / ``"pallas_gpu"``
-            (not implemented yet), or ``"auto"`` (the best available implementation;
-            currently always ``"xla"``).
-        interpret: run Pallas kernels in interpret mode; ignored by ``"reference"`` and ``"xla"``.
+            (blocked plain JAX over each query's window), ``"pallas_tpu"`` (the Mosaic TPU
+            kernel), ``"pallas_gpu"`` (not implemented yet), or ``"auto"``: ``"pallas_tpu"``
+            on a TPU backend when the inputs are supported (float32 / bfloat16), otherwise
+            ``"xla"`` (with a one-time warning naming the reason on an accelerator).
+        interpret: run Pallas kernels in interpret mode (``"pallas_tpu"``: TPU interpret mode,
+            ``pltpu.InterpretParams()``, which runs on CPU); ignored by ``"reference"`` and ``"xla"``.
 
     Returns:
         ``(b, sq, hq, d)`` in ``q.dtype``.
@@ -71,8 +80,9 @@ def gathered_attention(
     Raises:
         ValueError: on bad shapes or ranks, ``hq % hkv != 0``, non-integer positions or
             segment ids, only one of the segment ids, ``window <= 0``, ``sm_scale <= 0`` or an
-            unknown ``impl``; the message names the argument.
-        NotImplementedError: for ``impl="pallas_tpu"`` / ``"pallas_gpu"``.
+            unknown ``impl``; the message names the argument. Also for ``impl="pallas_tpu"``
+            with float16/float64 inputs (message starting with ``impl``).
+        NotImplementedError: for ``impl="pallas_gpu"``.
     """
     impl = validate_impl(impl, IMPLS)
     block_sizes = GatheredAttentionBlockSizes()
@@ -81,23 +91,37 @@ def gathered_attention(
     window = _validate_window(window)
     _validate(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else _validate_sm_scale(sm_scale)
-    impl = _resolve_impl(impl, interpret)
+    impl = _resolve_impl(impl, interpret, q, k, v)
     return _gathered_attention(
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, sm_scale,
-        window=window, impl=impl, block_sizes=block_sizes,
+        window=window, impl=impl, block_sizes=block_sizes, interpret=bool(interpret),
     )
 
 
-def _resolve_impl(impl: str, interpret: bool) -> str:
-    """Map ``impl`` to a concrete implementation name (``"reference"`` or ``"xla"``)."""
-    if impl in ("pallas_tpu", "pallas_gpu"):
+def _resolve_impl(impl: str, interpret: bool, q: jax.Array, k: jax.Array, v: jax.Array) -> str:
+    """Map ``impl`` to a concrete implementation name (``"reference"``, ``"xla"`` or ``"pallas_tpu"``)."""
+    if impl == "pallas_gpu":
         raise NotImplementedError(
             f"gathered_attention impl={impl!r} (interpret={interpret}) is reserved for a Pallas kernel "
             "that does not exist yet; use impl='xla' or impl='auto'."
         )
+    if impl == "pallas_tpu":
+        reason = pallas_tpu.unsupported_reason(q, k, v)
+        if reason is not None:
+            raise ValueError(f"impl='pallas_tpu' cannot run these inputs: {reason}; use impl='xla'.")
+        return impl
     if impl == "auto":
         backend = default_backend()
-        if backend in ("gpu", "tpu"):
+        if backend == "tpu":
+            reason = pallas_tpu.unsupported_reason(q, k, v)
+            if reason is None:
+                return "pallas_tpu"
+            warn_once(
+                ("gathered_attention", "auto", backend, reason),
+                f"gathered_attention: the Pallas TPU kernel cannot run these inputs ({reason}); "
+                "impl='auto' uses the blocked 'xla' implementation.",
+            )
+        elif backend == "gpu":
             warn_once(
                 ("gathered_attention", "auto", backend),
                 f"gathered_attention: no Pallas kernel is available for backend {backend!r} yet; "
@@ -177,7 +201,7 @@ def _compute_dtype(*arrays: jax.Array) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "impl", "block_sizes"))
+@functools.partial(jax.jit, static_argnames=("window", "impl", "block_sizes", "interpret"))
 def _gathered_attention(
     q: jax.Array,
     k: jax.Array,
@@ -191,8 +215,19 @@ def _gathered_attention(
     window: int,
     impl: str,
     block_sizes: GatheredAttentionBlockSizes,
+    interpret: bool = False,
 ) -> jax.Array:
-    """Run ``impl`` on validated inputs; returns ``(b, sq, hq, d)`` in ``q.dtype``."""
+    """Run ``impl`` on validated inputs; returns ``(b, sq, hq, d)`` in ``q.dtype``.
+
+    ``interpret`` only affects ``"pallas_tpu"`` (TPU interpret mode, ``pltpu.InterpretParams()``).
+    """
+    if impl == "pallas_tpu":
+        out = pallas_tpu.gathered_attention_pallas_tpu(
+            q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window, sm_scale=sm_scale,
+            block_q=block_sizes.block_q, block_kv=block_sizes.block_kv,
+            interpret=pltpu.InterpretParams() if interpret else False,
+        )
+        return out.astype(q.dtype)
     cdt = _compute_dtype(q, k, v)
     fn = gathered_attention_reference if impl == "reference" else functools.partial(
         gathered_attention_xla, block_sizes=block_sizes
