@@ -63,6 +63,8 @@ def main():
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--timed_steps", type=int, default=5)
     p.add_argument("--remat", default="full")
+    p.add_argument("--ssd_impl", default="", help="override model.mamba.ssd_impl (e.g. xla)")
+    p.add_argument("--only", default="", help="comma-separated mesh names to run (default: all)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     devs = jax.devices()
@@ -70,6 +72,8 @@ def main():
     print(f"{n} devices: {[d.device_kind for d in devs]}", flush=True)
     config = importlib.import_module(f"configs.{args.config}").get_config()
     config.model.remat = args.remat
+    if args.ssd_impl:
+        config.model.mamba.ssd_impl = args.ssd_impl
     config.train.global_batch_size = args.global_batch
     config.data.seq_len = args.seq_len
     cfg = ModelConfig.from_dict(config.model.to_dict())
@@ -82,6 +86,9 @@ def main():
     meshes[f"tensor={n}"] = ({"data": 1, "fsdp": 1, "tensor": n}, devs)
     if n >= 4:
         meshes[f"fsdp={n // 2} x tensor=2"] = ({"data": 1, "fsdp": n // 2, "tensor": 2}, devs)
+    if args.only:
+        wanted = {"1 GPU", *args.only.split(",")}
+        meshes = {k: v for k, v in meshes.items() if k in wanted}
     rows, base = [], None
     keep = {}
     for name, (shape, d) in meshes.items():
@@ -108,9 +115,10 @@ def main():
         ck.save(int(st_n["step"]), st_n, {"model_config": cfg.to_dict()}, force=True)
         ck.close()
         restored, _ = Checkpointer(d).restore(tr_1.abstract_state)
+    restored_step = int(restored["step"])  # read before the donating train step consumes it
     _, m_n = tr_n.train_step(st_n, data[0], jax.random.key(99))
     _, m_1 = tr_1.train_step(restored, data[0], jax.random.key(99))
-    restore = {"restored_step": int(restored["step"]), "loss_after_restore_1gpu": float(m_1["loss"]),
+    restore = {"restored_step": restored_step, "loss_after_restore_1gpu": float(m_1["loss"]),
                "loss_same_step_on_n": float(m_n["loss"]),
                "rel": abs(float(m_1["loss"]) - float(m_n["loss"])) / abs(float(m_n["loss"]))}
     print(json.dumps({"restore": restore}), flush=True)
