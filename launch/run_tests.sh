@@ -5,7 +5,8 @@ cd "$(dirname "$0")/.."
 VENV=$(bash launch/setup_venv.sh | tail -n 1)
 export TAIPAN_LIBTPU_DIR="$VENV/libtpu"
 set +e
-"$VENV/bin/python" -m pytest -q tests "$@"
+# Two workers (the machine has 2 cores); one file per worker keeps module fixtures single.
+"$VENV/bin/python" -m pytest -q -n 2 --dist loadfile tests "$@"
 rc=$?
 set -e
 # pytest exits 5 when nothing was collected: that is a failure of the suite, not a pass.

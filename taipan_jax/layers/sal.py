@@ -80,6 +80,15 @@ def _ring_from_sequence(k, v, positions_written, valid, size):
     return k_buf, v_buf, pos_buf, count
 
 
+def _prefill_ring(k, v, valid, size, dtype):
+    """The decoding cache after a whole prompt: the last ``size`` valid (k, v) in a ring buffer."""
+    b, l = valid.shape
+    idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    k_buf, v_buf, pos_buf, count = _ring_from_sequence(k, v, idx, valid, size)
+    return {"k": k_buf.astype(dtype), "v": v_buf.astype(dtype), "pos": pos_buf, "count": count,
+            "t": jnp.full((b,), l, jnp.int32)}
+
+
 def _ring_write(cache, k, v, pos, write):
     """Write one entry per sequence (where ``write``) at slot ``count % size``."""
     size = cache["pos"].shape[1]
@@ -201,10 +210,7 @@ class SALBlock(nnx.Module):
         new_cache = None
         if return_cache:
             valid = jnp.ones_like(hard, bool) if sc.kv_source == "all" else hard > 0
-            idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-            k_buf, v_buf, pos_buf, count = _ring_from_sequence(k, v, idx, valid, self.cache_size())
-            new_cache = {"k": k_buf.astype(self.dtype), "v": v_buf.astype(self.dtype), "pos": pos_buf,
-                         "count": count, "t": jnp.full((b,), l, jnp.int32)}
+            new_cache = _prefill_ring(k, v, valid, self.cache_size(), self.dtype)
         h = self._mlp(h)
         aux = {
             "selected_frac": jnp.mean(hard),
@@ -314,10 +320,7 @@ class AttentionBlock(nnx.Module):
         if return_cache:
             if self.ac.window == 0 and l > self.ac.max_decode_len:
                 raise ValueError(f"prompt of {l} tokens exceeds attention.max_decode_len={self.ac.max_decode_len}")
-            idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-            k_buf, v_buf, pos_buf, count = _ring_from_sequence(k, v, idx, jnp.ones((b, l), bool), self.cache_size())
-            new_cache = {"k": k_buf.astype(self.dtype), "v": v_buf.astype(self.dtype), "pos": pos_buf,
-                         "count": count, "t": jnp.full((b,), l, jnp.int32)}
+            new_cache = _prefill_ring(k, v, jnp.ones((b, l), bool), self.cache_size(), self.dtype)
         return self._mlp(h), new_cache, {}
 
     def step(self, h, cache):
