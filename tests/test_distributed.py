@@ -47,9 +47,12 @@ def _final_params(workdir, step):
     return tree
 
 
-@pytest.mark.parametrize("shard_map_mode", ["never", "always"])
-def test_mesh_2x2x2_matches_one_device(tmp_path, shard_map_mode):
-    r = _worker(tmp_path, "equal", shard_map_mode)
+@pytest.mark.parametrize("args", [
+    ("never", "xla", "0"),  # XLA partitions the plain-JAX SSD
+    ("always", "pallas_tpu", "1"),  # the Pallas TPU kernel (interpret mode) under jax.shard_map
+], ids=["xla-partitioned", "pallas-shard_map"])
+def test_mesh_2x2x2_matches_one_device(tmp_path, args):
+    r = _worker(tmp_path, "equal", *args)
     assert r["n_devices"] == 8
     assert r["loss_rel"] <= 1e-5 and r["grad_rel_max"] <= 1e-5, r
 
