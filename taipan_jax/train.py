@@ -162,7 +162,7 @@ def run(config, workdir: str) -> dict:
     ck = config.checkpoint
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=ck.max_to_keep,
                         keep_period=ck.keep_every or None, async_save=ck.async_save)
-    meta_base = {"model_config": model_cfg.to_dict()}
+    meta_base = {"model_config": model_cfg.to_dict(), "vocab": dc.vocab}
 
     latest = ckpt.latest_step()
     if latest is not None:

@@ -91,3 +91,32 @@ def test_unknown_config_key_is_named(tmp_path):
     proc = _cli("--config=configs/tiny.py", "--config.train.stepz=3", f"--workdir={tmp_path}")
     assert proc.returncode != 0
     assert "stepz" in proc.stderr
+
+
+def test_generate_from_workdir_cli_and_api(trained):
+    import jax
+    import numpy as np
+
+    from taipan_jax.generate import generate_text, load
+    from taipan_jax.sampling import sample_logits
+
+    workdir, _ = trained
+    model, vocab, step = load(workdir)
+    assert step == 40
+    greedy = generate_text(model, vocab, ["ROMEO:", "KING"], num_tokens=12, temperature=0.0)
+    again = generate_text(model, vocab, ["KING", "ROMEO:"], num_tokens=12, temperature=0.0)
+    assert greedy == again[::-1] and all(len(t) > 0 for t in greedy)
+    # Nucleus sampling with a tiny mass keeps only the most likely token: greedy.
+    assert generate_text(model, vocab, ["ROMEO:"], num_tokens=12, temperature=1.0, top_p=1e-6) == greedy[:1]
+    stop = greedy[0][3:5]
+    cut = generate_text(model, vocab, ["ROMEO:"], num_tokens=12, temperature=0.0, stop=[stop])[0]
+    assert cut == greedy[0][: greedy[0].find(stop)] and len(cut) <= 3
+    logits = jax.numpy.asarray(np.log(np.array([[0.5, 0.3, 0.2]])))
+    picks = {int(sample_logits(logits, jax.random.key(i), temperature=1.0, top_p=0.6)[0]) for i in range(50)}
+    assert picks == {0, 1}  # 0.5 < 0.6, so the second token is kept; the third never
+    proc = subprocess.run(
+        [sys.executable, "-m", "taipan_jax.generate", f"--workdir={workdir}", "--prompt=ROMEO:", "--prompt=KING",
+         "--num_tokens=12", "--temperature=0"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"ROMEO:{greedy[0]}" in proc.stdout and f"KING{greedy[1]}" in proc.stdout
