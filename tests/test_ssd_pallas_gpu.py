@@ -169,7 +169,7 @@ def test_gpu_stages_direct(stages: int) -> None:
     x, dt, A, B, C = (jnp.asarray(a) for a in args)
     D = jnp.asarray(kwargs["D"])
     s0 = jnp.asarray(kwargs["initial_state"])
-    doc = ssd_api._document_index(jnp.asarray(kwargs["segment_ids"]), case.b, case.l)
+    doc = ssd_api.document_index(jnp.asarray(kwargs["segment_ids"]), case.b, case.l)
     bs = SSDBlockSizes(gpu_stages=stages)
     y, fs = ssd_gpu.ssd_pallas_gpu(x, dt, A, B, C, D, s0, doc, bs)
     y_ref, fs_ref = ssd(*args, **kwargs, impl="reference", return_final_state=True)

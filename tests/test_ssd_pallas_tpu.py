@@ -38,7 +38,7 @@ def _preprocessed(case: Case, dtype=np.float32):
     dt = jnp.clip(dt, kw.get("dt_min", 0.0), kw.get("dt_max", np.inf))
     D = None if kw.get("D") is None else jnp.broadcast_to(jnp.asarray(kw["D"]).reshape(h, -1), (h, p))
     s0 = jnp.asarray(kw["initial_state"]) if "initial_state" in kw else jnp.zeros((b, h, p, B.shape[-1]))
-    doc = ssd_api._document_index(None if "segment_ids" not in kw else jnp.asarray(kw["segment_ids"]), b, l)
+    doc = ssd_api.document_index(None if "segment_ids" not in kw else jnp.asarray(kw["segment_ids"]), b, l)
     return (x, dt, A, B, C, D, s0, doc), kw["chunk_size"]
 
 

@@ -220,7 +220,7 @@ def _compute_dtype(*arrays: jax.Array | None) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
-def _document_index(segment_ids: jax.Array | None, b: int, l: int) -> jax.Array:
+def document_index(segment_ids: jax.Array | None, b: int, l: int) -> jax.Array:
     """Monotonic int32 document index: ``doc[:, 0] = 0``, +1 wherever ``segment_ids`` changes."""
     if segment_ids is None:
         return jnp.zeros((b, l), jnp.int32)
@@ -262,7 +262,7 @@ def _ssd(
 
     D_c = None if D is None else jnp.broadcast_to(D.astype(cdt).reshape(h, -1), (h, p))
     state0 = jnp.zeros((b, h, p, n), cdt) if initial_state is None else initial_state.astype(cdt)
-    doc = _document_index(segment_ids, b, l)
+    doc = document_index(segment_ids, b, l)
 
     if impl == "reference":
         y, final_state = ssd_reference(x_c, dt_c, A_c, B_c, C_c, D_c, state0, doc)

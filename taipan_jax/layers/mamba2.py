@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from pallas_kernels.ssd.api import document_index
 from taipan_jax.layers.common import (
     Dense,
     GatedRMSNorm,
@@ -56,14 +57,6 @@ def _a_log_init(lo: float, hi: float) -> Initializer:
         return jnp.log(jax.random.uniform(key, shape, jnp.float32, lo, hi)).astype(dtype)
 
     return init
-
-
-def document_index(segment_ids: jax.Array) -> jax.Array:
-    """Monotonic document index: increments wherever ``segment_ids`` changes from t-1 to t."""
-    change = jnp.concatenate(
-        [jnp.zeros_like(segment_ids[:, :1]), (segment_ids[:, 1:] != segment_ids[:, :-1])], axis=1
-    )
-    return jnp.cumsum(change.astype(jnp.int32), axis=1)
 
 
 def causal_depthwise_conv(
@@ -252,7 +245,7 @@ class Mamba2Mixer(nnx.Module):
         bsz, l, _ = u.shape
         z, xr, bc, dt = self._project(u)
         xr = constrain(xr, ("batch", "length", "ssm_inner"))
-        doc = None if segment_ids is None else document_index(segment_ids)
+        doc = None if segment_ids is None else document_index(segment_ids, bsz, l)
         cxw, cxb, cbw, cbb = self._conv_params()
         x = jax.nn.silu(causal_depthwise_conv(xr, cxw, cxb, state=None if cache is None else cache["conv_x"], doc=doc))
         bcc = jax.nn.silu(causal_depthwise_conv(bc, cbw, cbb, state=None if cache is None else cache["conv_bc"], doc=doc))
