@@ -108,6 +108,7 @@ class SALConfig:
     gate_init_frac: float = 0.0  # initial P(select) set through the gate bias; 0 = C
     d_intermediate: int = 0  # SwiGLU width; 0 = int(8 d / 3) rounded up to 128
     impl: str = "auto"  # pallas_kernels.gathered_attention impl (gathered mode)
+    dense_impl: str = ""  # jax.nn.dot_product_attention implementation (dense mode): "" (jax picks) | xla | cudnn
 
     def validate(self) -> None:
         w = "model.sal"
@@ -125,6 +126,8 @@ class SALConfig:
             raise ValueError(f"{w}.kv_source must be 'all' or 'selected', got {self.kv_source!r}")
         if self.attention not in ("dense", "gathered"):
             raise ValueError(f"{w}.attention must be 'dense' or 'gathered', got {self.attention!r}")
+        if self.dense_impl not in ("", "xla", "cudnn"):
+            raise ValueError(f"{w}.dense_impl must be '', 'xla' or 'cudnn', got {self.dense_impl!r}")
         if not 0.0 <= self.gate_init_frac < 1.0:
             raise ValueError(f"{w}.gate_init_frac must be in [0, 1) (0 = capacity), got {self.gate_init_frac}")
         if self.capacity_factor <= 0:

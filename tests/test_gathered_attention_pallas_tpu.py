@@ -201,12 +201,6 @@ def test_auto_falls_back_with_reason_on_tpu(monkeypatch: pytest.MonkeyPatch) -> 
         gathered_attention(q16, *args[1:], **kwargs, impl="pallas_tpu", interpret=True)
 
 
-def test_pallas_gpu_still_not_implemented() -> None:
-    args, kwargs = make_inputs(Case(62, L=10))
-    with pytest.raises(NotImplementedError, match="pallas_gpu"):
-        gathered_attention(*args, **kwargs, impl="pallas_gpu", interpret=True)
-
-
 def test_block_sizes_config() -> None:
     sizes = GatheredAttentionBlockSizes()
     assert (sizes.block_q, sizes.block_kv) == (128, 128)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._dispatch import default_backend, validate_impl, warn_once
-from pallas_kernels.gathered_attention import pallas_tpu
+from pallas_kernels.gathered_attention import pallas_gpu, pallas_tpu
 from pallas_kernels.gathered_attention.config import GatheredAttentionBlockSizes
 from pallas_kernels.gathered_attention.reference import gathered_attention_reference
 from pallas_kernels.gathered_attention.xla import gathered_attention_xla
@@ -60,7 +60,10 @@ def gathered_attention(
 
     The ``"pallas_tpu"`` implementation is a Mosaic TPU flash-attention kernel (forward, dq and
     dk/dv kernels) that visits, for each block of queries, only the kv blocks that intersect
-    the query block's position window; it supports float32 and bfloat16 ``q, k, v``.
+    the query block's position window; it supports float32 and bfloat16 ``q, k, v``. The
+    ``"pallas_gpu"`` implementation is the same algorithm as Mosaic GPU kernels for Hopper
+    (TMA, wgmma, a memory warpgroup streaming only the window's blocks to two compute
+    warpgroups); float32 / bfloat16 / float16, head dim up to 256 (bf16) or 128 (others).
 
     Args:
         window: positive int; a key ``window`` or more positions behind a query is ignored.
@@ -68,11 +71,12 @@ def gathered_attention(
         q_segment_ids, kv_segment_ids: document ids (packed sequences); give both or neither.
         impl: ``"reference"`` (dense masked softmax over all pairs, the oracle), ``"xla"``
             (blocked plain JAX over each query's window), ``"pallas_tpu"`` (the Mosaic TPU
-            kernel), ``"pallas_gpu"`` (not implemented yet), or ``"auto"``: ``"pallas_tpu"``
-            on a TPU backend when the inputs are supported (float32 / bfloat16), otherwise
-            ``"xla"`` (with a one-time warning naming the reason on an accelerator).
-        interpret: run Pallas kernels in interpret mode (``"pallas_tpu"``: TPU interpret mode,
-            ``pltpu.InterpretParams()``, which runs on CPU); ignored by ``"reference"`` and ``"xla"``.
+            kernels), ``"pallas_gpu"`` (the Mosaic GPU kernels), or ``"auto"``: the Pallas
+            kernel of a TPU / GPU backend when it supports the inputs, otherwise ``"xla"``
+            (with a one-time warning naming the reason on an accelerator).
+        interpret: run Pallas kernels in interpret mode on CPU (``"pallas_tpu"``: TPU interpret
+            mode, ``pltpu.InterpretParams()``; ``"pallas_gpu"``: Mosaic GPU interpret mode);
+            ignored by ``"reference"`` and ``"xla"``.
 
     Returns:
         ``(b, sq, hq, d)`` in ``q.dtype``.
@@ -81,8 +85,10 @@ def gathered_attention(
         ValueError: on bad shapes or ranks, ``hq % hkv != 0``, non-integer positions or
             segment ids, only one of the segment ids, ``window <= 0``, ``sm_scale <= 0`` or an
             unknown ``impl``; the message names the argument. Also for ``impl="pallas_tpu"``
-            with float16/float64 inputs (message starting with ``impl``).
-        NotImplementedError: for ``impl="pallas_gpu"``.
+            with float16/float64 inputs and ``impl="pallas_gpu"`` with float64 inputs or a head
+            dim it cannot hold (message starting with ``impl``).
+        NotImplementedError: for ``impl="pallas_gpu"`` without a GPU backend and
+            ``interpret=False``.
     """
     impl = validate_impl(impl, IMPLS)
     block_sizes = GatheredAttentionBlockSizes()
@@ -91,20 +97,28 @@ def gathered_attention(
     window = _validate_window(window)
     _validate(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else _validate_sm_scale(sm_scale)
-    impl = _resolve_impl(impl, interpret, q, k, v)
+    impl = _resolve_impl(impl, interpret, q, k, v, block_sizes)
     return _gathered_attention(
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, sm_scale,
         window=window, impl=impl, block_sizes=block_sizes, interpret=bool(interpret),
     )
 
 
-def _resolve_impl(impl: str, interpret: bool, q: jax.Array, k: jax.Array, v: jax.Array) -> str:
-    """Map ``impl`` to a concrete implementation name (``"reference"``, ``"xla"`` or ``"pallas_tpu"``)."""
+def _resolve_impl(impl: str, interpret: bool, q: jax.Array, k: jax.Array, v: jax.Array,
+                  block_sizes: GatheredAttentionBlockSizes) -> str:
+    """Map ``impl`` to a concrete implementation (``"reference"``, ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``)."""
+    gpu_reason = functools.partial(pallas_gpu.unsupported_reason, q, k, v, block_sizes.gpu_block_kv,
+                                   block_sizes.gpu_stages)
     if impl == "pallas_gpu":
-        raise NotImplementedError(
-            f"gathered_attention impl={impl!r} (interpret={interpret}) is reserved for a Pallas kernel "
-            "that does not exist yet; use impl='xla' or impl='auto'."
-        )
+        if not interpret and default_backend() != "gpu":
+            raise NotImplementedError(
+                f"gathered_attention impl='pallas_gpu' needs a GPU backend (default backend is "
+                f"{default_backend()!r}); pass interpret=True to run the kernels in Mosaic GPU interpret mode."
+            )
+        reason = gpu_reason()
+        if reason is not None:
+            raise ValueError(f"impl='pallas_gpu' cannot run these inputs: {reason}; use impl='xla'.")
+        return impl
     if impl == "pallas_tpu":
         reason = pallas_tpu.unsupported_reason(q, k, v)
         if reason is not None:
@@ -112,19 +126,13 @@ def _resolve_impl(impl: str, interpret: bool, q: jax.Array, k: jax.Array, v: jax
         return impl
     if impl == "auto":
         backend = default_backend()
-        if backend == "tpu":
-            reason = pallas_tpu.unsupported_reason(q, k, v)
+        if backend in ("tpu", "gpu"):
+            reason = pallas_tpu.unsupported_reason(q, k, v) if backend == "tpu" else gpu_reason()
             if reason is None:
-                return "pallas_tpu"
+                return f"pallas_{backend}"
             warn_once(
                 ("gathered_attention", "auto", backend, reason),
-                f"gathered_attention: the Pallas TPU kernel cannot run these inputs ({reason}); "
-                "impl='auto' uses the blocked 'xla' implementation.",
-            )
-        elif backend == "gpu":
-            warn_once(
-                ("gathered_attention", "auto", backend),
-                f"gathered_attention: no Pallas kernel is available for backend {backend!r} yet; "
+                f"gathered_attention: the Pallas {backend.upper()} kernel cannot run these inputs ({reason}); "
                 "impl='auto' uses the blocked 'xla' implementation.",
             )
         return "xla"
@@ -219,8 +227,14 @@ def _gathered_attention(
 ) -> jax.Array:
     """Run ``impl`` on validated inputs; returns ``(b, sq, hq, d)`` in ``q.dtype``.
 
-    ``interpret`` only affects ``"pallas_tpu"`` (TPU interpret mode, ``pltpu.InterpretParams()``).
+    ``interpret`` only affects the Pallas kernels (interpret mode on CPU).
     """
+    if impl == "pallas_gpu":
+        out = pallas_gpu.gathered_attention_pallas_gpu(
+            q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window, sm_scale=sm_scale,
+            block_kv=block_sizes.gpu_block_kv, stages=block_sizes.gpu_stages, interpret=interpret,
+        )
+        return out.astype(q.dtype)
     if impl == "pallas_tpu":
         out = pallas_tpu.gathered_attention_pallas_tpu(
             q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window, sm_scale=sm_scale,

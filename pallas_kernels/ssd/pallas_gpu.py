@@ -51,6 +51,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._bf16_split import split_bf16 as _split
+from pallas_kernels._bf16_split import truncate_to_bf16 as _truncate_to_bf16
 from pallas_kernels.ssd.config import SSDBlockSizes
 
 # Rows of the per-token vector block that the kernel loads for each chunk.
@@ -496,27 +498,6 @@ def _chunk_vectors(a: jax.Array, u: jax.Array, out_scale: jax.Array | None, doc:
 def _nterm(*arrays: jax.Array) -> int:
     """1: bfloat16 wgmma operands; 2: hi/lo bfloat16 split for float32 accuracy."""
     return 1 if all(a.dtype == jnp.bfloat16 for a in arrays) else 2
-
-
-def _truncate_to_bf16(a: jax.Array) -> jax.Array:
-    """float32 ``a`` rounded (half away from zero) to the nearest bfloat16, kept in float32.
-
-    Integer bit arithmetic rather than ``a.astype(bf16).astype(f32)``: XLA's
-    excess-precision simplification may fold that round trip to ``a`` under jit, which
-    would zero the ``lo`` part of the split below.
-    """
-    bits = lax.bitcast_convert_type(a, jnp.int32)
-    bits = (bits + jnp.int32(0x8000)) & jnp.int32(-65536)
-    return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _split(a: jax.Array, nterm: int) -> tuple[jax.Array, ...]:
-    """``(bf16,)`` or ``(hi, lo)`` bfloat16 parts with ``hi + lo = a`` to ~2^-16 relative."""
-    if nterm == 1:
-        return (a.astype(jnp.bfloat16),)
-    a = a.astype(jnp.float32)
-    hi = _truncate_to_bf16(a)
-    return hi.astype(jnp.bfloat16), (a - hi).astype(jnp.bfloat16)
 
 
 def _pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -202,7 +202,7 @@ class SALBlock(nnx.Module):
             q = self.attn.q(x, positions)
             key_mask = hard > 0 if sc.kv_source == "selected" else None
             o = self.attn.out(dense_causal_attention(q, k, v, window=sc.window, segment_ids=segment_ids,
-                                                     key_mask=key_mask))
+                                                     key_mask=key_mask, implementation=sc.dense_impl or None))
             h = h + (m * alpha)[..., None] * (o.astype(h.dtype) - h)
             overflow = jnp.zeros((), jnp.float32)
         else:
