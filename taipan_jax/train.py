@@ -22,7 +22,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from taipan_jax.checkpointing import Checkpointer
-from taipan_jax.data import HeldoutWindows, RandomWindowStream, load_corpus
+from taipan_jax.data.streams import build_streams
 from taipan_jax.data.vocab import get_vocabulary
 from taipan_jax.flops import peak_tflops, train_flops_per_token
 from taipan_jax.model_config import ModelConfig
@@ -56,17 +56,29 @@ def initialize_distributed(dc) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def evaluate_heldout(trainer: Trainer, params, windows: HeldoutWindows, vocab) -> dict:
-    nats, tokens, nbytes = 0.0, 0.0, 0
-    for batch, global_targets in windows:
+def evaluate_heldout(trainer: Trainer, params, heldout, vocab) -> dict:
+    """Per-token loss, perplexity, bits per byte and token accuracy over the held-out batches.
+
+    ``heldout`` yields ``(local batch, global batch)``; tokens with weight 0 (padding) do not count.
+    Bits per byte use the vocabulary's bytes per target token (0 for special ids such as EOS);
+    ``heldout_accuracy`` is the argmax accuracy over weighted tokens (the MQAR metric for MQAR data).
+    """
+    nats, tokens, correct, nbytes = 0.0, 0.0, 0.0, 0
+    for batch, full in heldout:
         out = trainer.eval_step(params, batch)
         nats += float(out["nats"])
         tokens += float(out["tokens"])
-        nbytes += int(vocab.bytes_per_token(global_targets).sum())
+        correct += float(out["correct"])
+        w = full.get("weights")
+        per_tok = vocab.bytes_per_token(full["targets"]) if vocab is not None else np.zeros(full["targets"].shape)
+        nbytes += int((per_tok * (1 if w is None else w)).sum())
+    loss = nats / max(tokens, 1.0)
     return {
-        "heldout_loss": nats / tokens,
-        "heldout_ppl": math.exp(min(nats / tokens, 50.0)),
-        "heldout_bpb": nats / math.log(2) / max(nbytes, 1),
+        "heldout_loss": loss,
+        "heldout_ppl": math.exp(min(loss, 50.0)),
+        "heldout_bpb": nats / math.log(2) / nbytes if nbytes else float("nan"),
+        "heldout_accuracy": correct / max(tokens, 1.0),
+        "heldout_tokens": tokens,
     }
 
 
@@ -137,7 +149,10 @@ def run(config, workdir: str) -> dict:
     if tc.nan_policy not in ("halt", "skip"):
         raise ValueError(f"config.train.nan_policy must be 'halt' or 'skip', got {tc.nan_policy!r}")
     vocab = get_vocabulary(dc.vocab)
-    if vocab.vocab_size > model_cfg.vocab_size:
+    synthetic = str(dc.train_corpus).startswith("mqar")  # MQAR has its own token ids; no text vocabulary
+    if synthetic:
+        vocab = None
+    elif vocab.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the {dc.vocab!r} "
             f"vocabulary ({vocab.vocab_size})"
@@ -150,14 +165,9 @@ def run(config, workdir: str) -> dict:
             f"data-parallel size {dp} (mesh data x fsdp) x grad_accum_steps {tc.grad_accum_steps}"
         )
     pi, pc = jax.process_index(), jax.process_count()
-    stream = RandomWindowStream(
-        vocab.encode(load_corpus(dc.train_corpus)), seq_len=dc.seq_len,
-        global_batch_size=tc.global_batch_size, seed=tc.seed, process_index=pi, process_count=pc,
-    )
-    heldout = HeldoutWindows(
-        vocab.encode(load_corpus(dc.heldout_corpus)), seq_len=dc.seq_len, batch_size=tc.eval_batch_size,
-        num_batches=tc.eval_batches, process_index=pi, process_count=pc,
-    )
+    # The batch at step s is a pure function of (seed, s) for every pipeline (taipan_jax/data/streams.py).
+    stream, heldout = build_streams(dc, tc, vocab, model_vocab_size=model_cfg.vocab_size, process_index=pi,
+                                    process_count=pc)
     trainer = Trainer(model_cfg, tc, mesh, config.mesh.rules)
     ck = config.checkpoint
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=ck.max_to_keep,
@@ -187,8 +197,9 @@ def run(config, workdir: str) -> dict:
     tokens_since, step = 0, start
 
     def save(step, state):
-        ckpt.save(step, state, {**meta_base, "step": step, "data": {"stream": "random_windows", "seed": tc.seed,
-                                                                     "next_step": step}}, force=True)
+        ckpt.save(step, state, {**meta_base, "step": step,
+                                "data": {"stream": type(stream).__name__, "pipeline": dc.pipeline,
+                                         "train": dc.train_corpus, "seed": tc.seed, "next_step": step}}, force=True)
 
     try:
         while step < tc.steps:
@@ -225,7 +236,8 @@ def run(config, workdir: str) -> dict:
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 ev = evaluate_heldout(trainer, state["params"], heldout, vocab)
                 writer.write(step, ev)
-                _log(f"step {step:6d}  heldout loss {ev['heldout_loss']:.4f}  bpb {ev['heldout_bpb']:.4f}")
+                _log(f"step {step:6d}  heldout loss {ev['heldout_loss']:.4f}  bpb {ev['heldout_bpb']:.4f}  "
+                     f"acc {ev['heldout_accuracy']:.4f}")
             if will_save:
                 save(step, state)
             if preempt.requested:
@@ -241,10 +253,11 @@ def run(config, workdir: str) -> dict:
               "nonfinite_steps": int(state["nonfinite_steps"])}
     result.update(evaluate_heldout(trainer, state["params"], heldout, vocab))
     _log(f"held-out ({dc.heldout_corpus}): loss {result['heldout_loss']:.4f} nats/token, "
-         f"bits/byte {result['heldout_bpb']:.4f}")
+         f"ppl {result['heldout_ppl']:.3f}, bits/byte {result['heldout_bpb']:.4f}, "
+         f"accuracy {result['heldout_accuracy']:.4f}")
 
     sc = config.sample
-    if sc.num_tokens > 0:
+    if sc.num_tokens > 0 and vocab is not None:
         prompt = vocab.encode(sc.prompt)[None]
         out = generate(trainer.model(state["params"]), prompt, num_tokens=sc.num_tokens,
                        key=jax.random.key(sc.seed), temperature=sc.temperature, top_k=sc.top_k)

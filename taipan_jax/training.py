@@ -253,7 +253,10 @@ class Trainer:
         model = self.model(params)
         logits, _ = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
         losses = token_losses(logits, batch["targets"])
-        return {"nats": jnp.sum(losses), "tokens": jnp.asarray(losses.size, jnp.float32)}
+        w = batch.get("weights")
+        w = jnp.ones_like(losses) if w is None else w.astype(jnp.float32)  # 0 = padding
+        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+        return {"nats": jnp.sum(losses * w), "tokens": jnp.sum(w), "correct": jnp.sum(correct * w)}
 
     def eval_step(self, params, batch):
         with self._context():

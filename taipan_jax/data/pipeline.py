@@ -52,7 +52,7 @@ class RandomWindowStream:
 
 
 class HeldoutWindows:
-    """Yields ``(local_batch, global_targets)``: this process's rows and the whole batch's targets."""
+    """Yields ``(local_batch, global_batch)``: this process's rows and the whole batch (for byte counts)."""
 
     def __init__(
         self,
@@ -84,4 +84,4 @@ class HeldoutWindows:
             inputs = chunk[:-1].reshape(self.batch_size, self.seq_len)
             targets = chunk[1:].reshape(self.batch_size, self.seq_len)
             rows = slice(self.lo, self.lo + self.local)
-            yield {"inputs": inputs[rows], "targets": targets[rows]}, targets
+            yield {"inputs": inputs[rows], "targets": targets[rows]}, {"inputs": inputs, "targets": targets}
