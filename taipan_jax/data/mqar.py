@@ -9,12 +9,13 @@ An example of ``seq_len + 1`` tokens (inputs = ``x[:-1]``, targets = ``x[1:]``) 
 * ``num_queries`` (≤ num_pairs) distinct keys of the context appear again in the query region, each
   followed by its value; their slots are at even offsets, drawn with Zoology's power law
   ``p(gap) ∝ gap^(power_a - 1)`` (short gaps more likely; ``power_a=1`` is uniform);
-* filler tokens are uniform over ``[1, V)`` (Zoology's ``random_non_queries``);
+* filler tokens are uniform over ``[1, V)`` (Zoology's ``random_non_queries``, default) or 0;
 * the loss weight is 1 exactly where the input is a queried key (the target is its value), so
   **accuracy** = fraction of those positions where the model's argmax is the value.
 
 Example ``i`` of split ``s`` is a pure function of ``(seed, s, i)``.
-Spec: ``mqar[;vocab_size=V][;num_pairs=P][;num_queries=Q][;power_a=a]`` (length = ``data.seq_len``).
+Spec: ``mqar[;vocab_size=V][;num_pairs=P][;num_queries=Q][;power_a=a][;random_non_queries=false]``
+(length = ``data.seq_len``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class MQARConfig:
     num_queries: int = 4
     seq_len: int = 64
     power_a: float = 0.01
+    random_non_queries: bool = True  # filler tokens uniform over [1, V) (Zoology's default); False: 0
 
     def __post_init__(self):
         V, P, Q, L = self.vocab_size, self.num_pairs, self.num_queries, self.seq_len
@@ -55,7 +57,14 @@ class MQARConfig:
         for k, v in options.items():
             if k not in fields or k == "seq_len":
                 raise ValueError(f"unknown MQAR option {k!r}; allowed: {[f for f in fields if f != 'seq_len']}")
-            kw[k] = float(v) if k == "power_a" else int(v)
+            if k == "power_a":
+                kw[k] = float(v)
+            elif k == "random_non_queries":
+                if v.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(f"MQAR random_non_queries must be true or false, got {v!r}")
+                kw[k] = v.lower() in ("true", "1")
+            else:
+                kw[k] = int(v)
         return cls(seq_len=seq_len, **kw)
 
 
@@ -67,6 +76,8 @@ def mqar_example(cfg: MQARConfig, seed: int, index: int, split: str = "train") -
     keys = rng.choice(np.arange(1, half), P, replace=False)
     values = rng.choice(np.arange(half, V), P, replace=P > V - half)
     x = rng.integers(1, V, T)
+    if not cfg.random_non_queries:
+        x[:] = 0
     x[0: 2 * P: 2], x[1: 2 * P: 2] = keys, values
     slots = (T - 2 * P) // 2  # query slot k occupies positions 2P + 2k (key) and 2P + 2k + 1 (value)
     gaps = np.arange(1, slots + 1, dtype=np.float64)
