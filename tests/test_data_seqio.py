@@ -7,7 +7,6 @@ All TensorFlow-using tests live in this one file (TensorFlow's import is slow).
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import json  # noqa: E402
 
