@@ -81,8 +81,8 @@ def check(args, kwargs, interpret: bool = False, seed: int = 0, block_sizes=None
         assert np.all(np.isfinite(g)), name
         if np.any(np.asarray(gr) != 0):
             assert rel_err(g, gr) <= 1e-3, (name, rel_err(g, gr))
-        else:  # window 1: dq is exactly 0 in the reference, flash rounding (dp - di) leaves ~1e-8
-            assert np.max(np.abs(g)) <= 1e-5, name
+        else:  # window 1: dq is exactly 0 in the reference; rounding of dp - di leaves ~1e-5
+            assert np.max(np.abs(g)) <= 1e-4, name
 
 
 # --------------------------------------------------------------------------- on a Hopper GPU
@@ -93,6 +93,7 @@ BIG_CASES = [
     Case(101, b=1, L=1024, density=1.0, hq=2, hkv=2, d=64, window=48),  # dense, window < block
     Case(102, b=2, L=1536, density=0.3, hq=4, hkv=1, d=128, window=700, seg=5, q_pad=40, kv_pad=70),
     Case(103, b=1, L=777, density=0.15, hq=2, hkv=2, d=96, kv="selected", window=300, sm_scale=0.3),
+    Case(104, b=1, L=8192, density=0.15, hq=2, hkv=1, d=128, window=2048),  # SAL setting: unmasked interior
 ]
 
 
@@ -171,15 +172,26 @@ INTERPRET_CASES = [
     Case(200, L=40, density=0.6, hq=2, hkv=1, window=16),  # GQA 2/1, one tile
     Case(201, L=150, density=1.0, hq=2, hkv=2, d=5, window=70, seg=3, q_pad=7, kv_pad=9),  # 2 tiles, segments
     Case(202, L=160, density=0.15, hq=1, hkv=1, window=200, kv="selected", sm_scale=0.4),  # window > sequence
+    Case(203, b=1, L=384, density=1.0, hq=1, hkv=1, window=300),  # unmasked interior blocks, skipped blocks
 ]
 
 
+@pytest.fixture
+def on_cpu():
+    """Interpret mode runs on the CPU device: its simulated warpgroups wait on each other's
+    barriers inside host callbacks, which a GPU backend's callback thread would serialise."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
+@pytest.mark.usefixtures("on_cpu")
 @pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: f"seed{c.seed}")
 def test_interpret_matches_reference(case: Case) -> None:
     args, kwargs = make_inputs(case)
     check(args, kwargs, interpret=True, seed=case.seed)
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_interpret_bf16_forward() -> None:
     case = INTERPRET_CASES[1]
     args, kwargs = make_inputs(case)

@@ -32,6 +32,7 @@ def gathered_attention(
     kv_segment_ids: jax.Array | None = None,
     impl: str = "auto",
     interpret: bool = False,
+    block_sizes: GatheredAttentionBlockSizes | None = None,
 ) -> jax.Array:
     """Sliding-window softmax attention between tokens addressed by their positions.
 
@@ -74,6 +75,8 @@ def gathered_attention(
             kernels), ``"pallas_gpu"`` (the Mosaic GPU kernels), or ``"auto"``: the Pallas
             kernel of a TPU / GPU backend when it supports the inputs, otherwise ``"xla"``
             (with a one-time warning naming the reason on an accelerator).
+        block_sizes: tiling of the blocked implementations (``None``: the defaults of
+            :class:`GatheredAttentionBlockSizes`).
         interpret: run Pallas kernels in interpret mode on CPU (``"pallas_tpu"``: TPU interpret
             mode, ``pltpu.InterpretParams()``; ``"pallas_gpu"``: Mosaic GPU interpret mode);
             ignored by ``"reference"`` and ``"xla"``.
@@ -91,7 +94,10 @@ def gathered_attention(
             ``interpret=False``.
     """
     impl = validate_impl(impl, IMPLS)
-    block_sizes = GatheredAttentionBlockSizes()
+    if block_sizes is None:
+        block_sizes = GatheredAttentionBlockSizes()
+    elif not isinstance(block_sizes, GatheredAttentionBlockSizes):
+        raise ValueError(f"block_sizes must be a GatheredAttentionBlockSizes or None, got {block_sizes!r}.")
     q, k, v, q_pos, kv_pos = (jnp.asarray(a) for a in (q, k, v, q_pos, kv_pos))
     q_seg, kv_seg = (None if a is None else jnp.asarray(a) for a in (q_segment_ids, kv_segment_ids))
     window = _validate_window(window)

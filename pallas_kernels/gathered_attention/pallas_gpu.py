@@ -27,6 +27,12 @@ Kernels (float32 statistics and accumulators in registers):
 * dk/dv, grid ``(hkv, key tiles of 128, b)``: each compute warpgroup keeps 64 keys and streams
   ``(query head of the group, query block)`` pairs; keys that no query attends get exactly 0.
 
+Inside the stream each block is classified from the ends of the sorted positions (scalars in
+shared memory): skipped (no admissible pair for this warpgroup's 64 rows -- the CTA's range is
+the union over its two warpgroups), processed without any mask (every pair admissible: the
+interior of the window, most blocks when the window is long), or masked exactly (the window's
+edges, padding, segments).
+
 Masked scores use a finite mask value and masked probabilities are set to exactly 0 with
 ``where``, so rows without keys produce no NaN and non-admissible pairs have zero gradient.
 
@@ -173,6 +179,28 @@ def _admissible(shape, qp, kp, q_dim: int, window: int, qs=None, ks=None):
     return mask
 
 
+SKIP, FULL, EDGE = 0, 1, 2
+
+
+def _block_kind(q_first, q_last, k_first, k_last, cfg: _Config):
+    """How a (query rows, key block) pair is processed, from the sorted positions' ends.
+
+    Rows / keys are sorted with the padding (-1) at the end, so ``*_first`` is the smallest
+    valid position (or -1: all padding) and ``*_last`` the largest (or -1: some padding).
+    ``SKIP``: no pair can be admissible; ``FULL``: every pair is (no padding, no segments,
+    all keys at or before every query and within the window), so no mask is computed;
+    ``EDGE``: masked exactly.
+    """
+    w = jnp.int32(min(cfg.window, _I32_MAX))
+    skip = ((q_first < 0) | (k_first < 0) | ((q_last >= 0) & (q_last < k_first))
+            | ((k_last >= 0) & (q_first - k_last >= w)))
+    if cfg.has_seg:
+        full = jnp.zeros((), jnp.bool_)
+    else:
+        full = (q_last >= 0) & (k_last >= 0) & (q_first >= k_last) & (q_last - k_first < w)
+    return jnp.where(skip, SKIP, jnp.where(full, FULL, EDGE)).astype(jnp.int32)
+
+
 def _tiled(shape, dtype):
     plgpu = _plgpu()
     elems = 128 // jnp.dtype(dtype).itemsize
@@ -299,10 +327,10 @@ def _forward(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, kv_firs
             qsg = plgpu.load(qm_s.at[wg, 1], layout=row_l) if cfg.has_seg else None
             c = scale_ref[0] * LOG2E
 
-            def step(i, carry):
+            q_first, q_last = qm_s[wg, 0, 0], qm_s[wg, 0, ROWS - 1]
+
+            def update(carry, slot, masked: bool):
                 acc, m, l = carry
-                slot = lax.rem(i, jnp.int32(S))
-                plgpu.barrier_wait(ready.at[slot])
 
                 def qk(acc_ref):
                     for a, bb in _terms(nt):
@@ -310,13 +338,18 @@ def _forward(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, kv_firs
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((ROWS, bkv), jnp.float32))
-                kp = plgpu.load(kvm_s.at[slot, 0], layout=col_l)
-                ksg = plgpu.load(kvm_s.at[slot, 1], layout=col_l) if cfg.has_seg else None
-                mask = _admissible(s.shape, qp, kp, 0, cfg.window, qsg, ksg)
-                s = jnp.where(mask, s * c, _MASK)
+                if masked:
+                    kp = plgpu.load(kvm_s.at[slot, 0], layout=col_l)
+                    ksg = plgpu.load(kvm_s.at[slot, 1], layout=col_l) if cfg.has_seg else None
+                    mask = _admissible(s.shape, qp, kp, 0, cfg.window, qsg, ksg)
+                    s = jnp.where(mask, s * c, _MASK)
+                else:
+                    s = s * c
                 m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
-                p = jnp.where(mask, jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0])), 0.0)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                if masked:
+                    p = jnp.where(mask, p, 0.0)
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 parts = _lhs(_split_regs(p, nt), lhs_s.at[wg], cfg)
@@ -325,9 +358,16 @@ def _forward(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, kv_firs
                     for a, bb in _terms(nt):
                         plgpu.wgmma(acc_ref, parts[a], v_s.at[slot, bb])
 
-                acc = _mma_into(acc, pv, cfg)
+                return _mma_into(acc, pv, cfg), m_new, l
+
+            def step(i, carry):
+                slot = lax.rem(i, jnp.int32(S))
+                plgpu.barrier_wait(ready.at[slot])
+                kind = _block_kind(q_first, q_last, kvm_s[slot, 0, 0], kvm_s[slot, 0, bkv - 1], cfg)
+                carry = lax.switch(kind, [lambda c_: c_, lambda c_: update(c_, slot, False),
+                                          lambda c_: update(c_, slot, True)], carry)
                 plgpu.barrier_arrive(consumed.at[slot])
-                return acc, m_new, l
+                return carry
 
             acc0 = plgpu.layout_cast(jnp.zeros((ROWS, dp), jnp.float32), plgpu.Layout.WGMMA)
             m0 = plgpu.layout_cast(jnp.full((ROWS,), _MASK, jnp.float32), row_l)
@@ -426,10 +466,9 @@ def _dq(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, kv_first, kv
             sc = scale_ref[0]
             c = sc * LOG2E
 
-            def step(i, dq_acc):
-                slot = lax.rem(i, jnp.int32(S))
-                plgpu.barrier_wait(ready.at[slot])
+            q_first, q_last = qm_s[wg, 0, 0], qm_s[wg, 0, ROWS - 1]
 
+            def update(dq_acc, slot, masked: bool):
                 def sdp(refs):
                     s_ref, dp_ref = refs
                     for a, bb in _terms(nt):
@@ -440,10 +479,11 @@ def _dq(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, kv_first, kv
 
                 s, dpm = pl.run_scoped(sdp, (plgpu.ACC((ROWS, bkv), jnp.float32),
                                              plgpu.ACC((ROWS, bkv), jnp.float32)))
-                kp = plgpu.load(kvm_s.at[slot, 0], layout=col_l)
-                ksg = plgpu.load(kvm_s.at[slot, 1], layout=col_l) if cfg.has_seg else None
-                mask = _admissible(s.shape, qp, kp, 0, cfg.window, qsg, ksg)
-                p = jnp.where(mask, jnp.exp2(s * c - lax.broadcast_in_dim(lse, s.shape, [0])), 0.0)
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(lse, s.shape, [0]))
+                if masked:
+                    kp = plgpu.load(kvm_s.at[slot, 0], layout=col_l)
+                    ksg = plgpu.load(kvm_s.at[slot, 1], layout=col_l) if cfg.has_seg else None
+                    p = jnp.where(_admissible(s.shape, qp, kp, 0, cfg.window, qsg, ksg), p, 0.0)
                 ds = p * (dpm - lax.broadcast_in_dim(dlt, s.shape, [0]))
                 ds_parts = _lhs(_split_regs(ds, nt), lhs_s.at[wg], cfg)
 
@@ -451,7 +491,14 @@ def _dq(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, kv_first, kv
                     for a, bb in _terms(nt):
                         plgpu.wgmma(acc_ref, ds_parts[a], k_s.at[slot, bb])
 
-                dq_acc = _mma_into(dq_acc, dq_mm, cfg)
+                return _mma_into(dq_acc, dq_mm, cfg)
+
+            def step(i, dq_acc):
+                slot = lax.rem(i, jnp.int32(S))
+                plgpu.barrier_wait(ready.at[slot])
+                kind = _block_kind(q_first, q_last, kvm_s[slot, 0, 0], kvm_s[slot, 0, bkv - 1], cfg)
+                dq_acc = lax.switch(kind, [lambda a_: a_, lambda a_: update(a_, slot, False),
+                                           lambda a_: update(a_, slot, True)], dq_acc)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dq_acc
 
@@ -541,10 +588,10 @@ def _dkv(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, q_first, q_
             sc = scale_ref[0]
             c = sc * LOG2E
 
-            def step(i, carry):
+            k_first, k_last = kvm_s[wg, 0, 0], kvm_s[wg, 0, ROWS - 1]
+
+            def update(carry, slot, masked: bool):
                 dk_acc, dv_acc = carry
-                slot = lax.rem(i, jnp.int32(S))
-                plgpu.barrier_wait(ready.at[slot])
 
                 def st_mm(acc_ref):
                     for a, bb in _terms(nt):
@@ -552,12 +599,14 @@ def _dkv(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, q_first, q_
                     return acc_ref[...]
 
                 st = pl.run_scoped(st_mm, plgpu.ACC((ROWS, ROWS), jnp.float32))  # (keys, queries)
-                qp = plgpu.load(qm_s.at[slot, 0], layout=col_l)
-                qsg = plgpu.load(qm_s.at[slot, 1], layout=col_l) if cfg.has_seg else None
                 lse = plgpu.load(stat_s.at[slot, 0], layout=col_l)
-                mask = _admissible(st.shape, qp, kp, 1, cfg.window, qsg, ksg)
-                pt = jnp.where(mask, jnp.exp2(st * c - lax.broadcast_in_dim(lse, st.shape, [1])), 0.0)
+                pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse, st.shape, [1]))
+                if masked:
+                    qp = plgpu.load(qm_s.at[slot, 0], layout=col_l)
+                    qsg = plgpu.load(qm_s.at[slot, 1], layout=col_l) if cfg.has_seg else None
+                    pt = jnp.where(_admissible(st.shape, qp, kp, 1, cfg.window, qsg, ksg), pt, 0.0)
                 pt_parts = _lhs(_split_regs(pt, nt), lhs_s.at[wg], cfg)
+
                 def dv_mm(acc_ref):
                     for a, bb in _terms(nt):
                         plgpu.wgmma(acc_ref, pt_parts[a], do_s.at[slot, bb])
@@ -577,9 +626,16 @@ def _dkv(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, q_first, q_
                     for a, bb in _terms(nt):
                         plgpu.wgmma(acc_ref, dst_parts[a], q_s.at[slot, bb])
 
-                dk_acc = _mma_into(dk_acc, dk_mm, cfg)
+                return _mma_into(dk_acc, dk_mm, cfg), dv_acc
+
+            def step(i, carry):
+                slot = lax.rem(i, jnp.int32(S))
+                plgpu.barrier_wait(ready.at[slot])
+                kind = _block_kind(qm_s[slot, 0, 0], qm_s[slot, 0, ROWS - 1], k_first, k_last, cfg)
+                carry = lax.switch(kind, [lambda c_: c_, lambda c_: update(c_, slot, False),
+                                          lambda c_: update(c_, slot, True)], carry)
                 plgpu.barrier_arrive(consumed.at[slot])
-                return dk_acc, dv_acc
+                return carry
 
             zero = plgpu.layout_cast(jnp.zeros((ROWS, dp), jnp.float32), plgpu.Layout.WGMMA)
             dk_acc, dv_acc = lax.fori_loop(0, n_steps, step, (zero, zero))
