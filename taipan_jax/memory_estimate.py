@@ -360,7 +360,7 @@ def estimate(config, mesh_sizes: Mapping[str, int], model_cfg=None, platform: st
         # XLA:TPU: the stacked gradient accumulators of the groups' parameters (f32, sharded as the
         # parameters: the backward scan's carry), the embedding's gradient (reduce-scattered under
         # fsdp) and the f32 dlogits, kept until the embedding gradient is complete.
-        backward += group_params * (4 // pdt if pdt < 4 else 1) + (embed_shard * 4 // pdt if embed else 0) + logits
+        backward += group_params * 4 // pdt + embed_shard * 4 // pdt + logits
         notes.append("peak a (XLA:TPU): one group's backward (its residuals again) + the groups' f32 gradient "
                      "accumulators + the embedding's gradient + the f32 dlogits (tokens x vocab)")
     if accum > 1:
