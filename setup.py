@@ -28,6 +28,8 @@ setup(
         # seqio Tasks / Mixtures and TFDS (the `seqio` data pipeline); imported lazily.
         "data": ["sentencepiece>=0.2", "tokenizers>=0.20", "tiktoken>=0.7", "seqio==0.0.20",
                  "tensorflow>=2.21,<2.22", "tensorflow-text>=2.21,<2.22", "tensorflow-datasets>=4.9.10"],
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        # Streaming evaluation's perplexity-vs-context plot (taipan_jax.evaluate); the tests draw it.
+        "eval": ["matplotlib>=3.9"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.9"],
     },
 )
