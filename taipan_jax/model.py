@@ -7,9 +7,10 @@ time does not grow with depth.
 
 Three entry points share the weights:
 * ``model(tokens, ...) -> (logits, aux)`` — training / scoring; optionally continue from and/or
-  return a cache (prefill, streaming evaluation);
+  return a cache (prefill, streaming evaluation: a text fed in segments, each call continuing
+  from the previous call's cache, gives the logits of one pass over the whole text);
 * ``model.step(token, cache) -> (logits, cache)`` — one token per sequence, constant memory;
-* ``model.init_cache(batch)``.
+* ``model.init_cache(batch, kv_len=None)`` (``kv_len`` sizes full-attention KV caches).
 Logits are float32 with the padded vocabulary entries set to a large negative number.
 """
 
@@ -24,7 +25,7 @@ from flax import nnx
 
 from taipan_jax.layers.common import RMSNorm, SwiGLU, make_param, normal
 from taipan_jax.layers.mamba2 import Mamba2Mixer, mamba2_kwargs
-from taipan_jax.layers.sal import AttentionBlock, SALBlock
+from taipan_jax.layers.sal import AttentionBlock, SALBlock, check_cache_room
 from taipan_jax.model_config import ModelConfig
 from taipan_jax.sharding import constrain
 
@@ -50,7 +51,8 @@ class Mamba2Block(nnx.Module):
         else:
             self.mlp_norm = self.mlp = None
 
-    def init_cache(self, batch: int):
+    def init_cache(self, batch: int, kv_len: int | None = None):
+        del kv_len
         return self.mixer.init_cache(batch)
 
     def _mlp(self, h):
@@ -58,8 +60,9 @@ class Mamba2Block(nnx.Module):
             h = h + self.mlp(self.mlp_norm(h)).astype(h.dtype)
         return h
 
-    def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False, step=None):
-        del key, train, step
+    def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False, step=None,
+                 return_selection=False):
+        del key, train, step, return_selection
         out = self.mixer(self.norm(h), segment_ids=segment_ids, cache=cache, return_cache=return_cache)
         out, new_cache = out if return_cache else (out, None)
         h = self._mlp(h + out.astype(h.dtype))
@@ -81,16 +84,17 @@ class BlockGroup(nnx.Module):
         self.names = cfg.group
         self.blocks = nnx.List([BLOCKS[name](cfg, rngs=rngs) for name in cfg.group])
 
-    def init_cache(self, batch: int):
-        return [b.init_cache(batch) for b in self.blocks]
+    def init_cache(self, batch: int, kv_len: int | None = None):
+        return [b.init_cache(batch, kv_len) for b in self.blocks]
 
-    def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False, step=None):
+    def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False, step=None,
+                 return_selection=False):
         caches, aux = [], {}
         keys = [None] * len(self.blocks) if key is None else list(jax.random.split(key, len(self.blocks)))
         for i, block in enumerate(self.blocks):
             h, c, a = block(
                 h, segment_ids=segment_ids, cache=None if cache is None else cache[i],
-                return_cache=return_cache, key=keys[i], train=train, step=step,
+                return_cache=return_cache, key=keys[i], train=train, step=step, return_selection=return_selection,
             )
             caches.append(c)
             for k, v in a.items():
@@ -162,15 +166,18 @@ class LanguageModel(nnx.Module):
 
         return jax.lax.scan(body, carry, (state, xs))
 
-    def init_cache(self, batch: int):
+    def init_cache(self, batch: int, kv_len: int | None = None):
+        """Empty caches. ``kv_len`` sizes the KV cache of full-attention blocks (Transformer++,
+        Jamba-style; default ``attention.max_decode_len``): it must hold the whole text a stream or
+        a decode will reach. Mamba-2 states and SAL / windowed ring buffers do not depend on it."""
         if self.cfg.scan_layers:
 
             @nnx.vmap(in_axes=0, out_axes=0)
             def make(group):
-                return group.init_cache(batch)
+                return group.init_cache(batch, kv_len)
 
             return make(self.groups)
-        return [g.init_cache(batch) for g in self.groups]
+        return [g.init_cache(batch, kv_len) for g in self.groups]
 
     # -- whole sequences -----------------------------------------------------------------------
     def __call__(
@@ -183,21 +190,27 @@ class LanguageModel(nnx.Module):
         key: jax.Array | None = None,
         train: bool = False,
         step: jax.Array | None = None,
+        return_selection: bool = False,
     ):
         """``tokens (b, l) int32`` -> ``(logits (b, l, V_pad) f32, aux)`` [+ cache].
 
         ``train=True`` samples the SALs' Gumbel noise from ``key`` (and anneals tau by ``step``);
         evaluation selects deterministically. ``aux`` maps metric names
         (``"<index in group>_<block type>/<metric>"``) to arrays stacked over the ``num_groups`` axis.
+        ``return_selection=True`` adds each SAL's per-token ``selected`` (hard, 0/1) and ``alpha``
+        (``(num_groups, b, l)`` float32). With ``cache`` the tokens continue the cached text
+        (``segment_ids`` must then be None).
         """
         cfg = self.cfg
+        if cache is not None:
+            self._check_kv_room(cache, tokens.shape[1])
         h = self._embed(tokens)
         n = cfg.num_groups
         keys = None if key is None else jax.random.split(key, n)
 
         def run_group(group, h, c, k):
             return group(h, segment_ids=segment_ids, cache=c, return_cache=return_cache, key=k, train=train,
-                         step=step)
+                         step=step, return_selection=return_selection)
 
         if cfg.remat == "full":
             run_group = nnx.remat(run_group)
@@ -218,6 +231,16 @@ class LanguageModel(nnx.Module):
         if return_cache:
             return logits, aux, new_cache
         return logits, aux
+
+    def _check_kv_room(self, cache, length: int) -> None:
+        """Full-attention KV caches must hold the text so far plus ``length`` (checked when concrete)."""
+        if self.cfg.attention.window:
+            return
+        for i, name in enumerate(self.cfg.group):
+            if name != "attention":
+                continue
+            for c in ([cache] if self.cfg.scan_layers else cache):
+                check_cache_room(c[i], length, f"block {i} (attention)")
 
     # -- one token -----------------------------------------------------------------------------
     def step(self, tokens: jax.Array, cache: Any):

@@ -5,6 +5,8 @@
   and a key mask; ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU, XLA elsewhere).
 * :func:`ring_attention_step` — one query against a fixed-size ring buffer of keys / values
   (decoding with memory bounded by the window).
+* :func:`cached_attention` — a whole segment of queries against a ring buffer plus the segment's
+  own keys (streaming evaluation: continuing a whole-sequence call from a cache).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels
 from taipan_jax.layers.common import Dense, scaled, torch_linear_init
 from taipan_jax.sharding import constrain
 
@@ -155,3 +158,44 @@ def ring_attention_step(
     p = p / jnp.where(denom > 0, denom, 1.0)
     o = jnp.einsum("bgrw,bwgd->bgrd", p, v_buf.astype(jnp.float32))
     return o.reshape(b, hq, d)
+
+
+def chronological_keys(k_buf, v_buf, pos_buf, k_new, v_new, pos_new):
+    """A ring buffer's entries followed by new ones, sorted by position with empty entries last.
+
+    ``k_buf, v_buf (b, W, hkv, d)``, ``pos_buf (b, W)`` (−1 = empty slot; slots are in write order
+    modulo W, not in time order); ``k_new, v_new (b, l, hkv, d)``, ``pos_new (b, l)`` (−1 = not
+    written, e.g. an unselected token of a SAL with ``kv_source="selected"``). Returns
+    ``(k, v, pos)`` of length ``W + l`` whose valid positions are strictly increasing with the
+    padding at the end (the layout :func:`pallas_kernels.gathered_attention` expects).
+    """
+    k = jnp.concatenate([k_buf.astype(k_new.dtype), k_new], axis=1)
+    v = jnp.concatenate([v_buf.astype(v_new.dtype), v_new], axis=1)
+    pos = jnp.concatenate([pos_buf, pos_new.astype(pos_buf.dtype)], axis=1)
+    order = jnp.argsort(jnp.where(pos >= 0, pos, jnp.iinfo(jnp.int32).max), axis=1, stable=True)
+    take = lambda a: jnp.take_along_axis(a, order.reshape(*order.shape, *([1] * (a.ndim - 2))), axis=1)
+    return take(k), take(v), take(pos)
+
+
+def cached_attention(
+    q: jax.Array,
+    q_pos: jax.Array,
+    cache: dict,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    pos_new: jax.Array,
+    *,
+    window: int,
+    impl: str = "auto",
+) -> jax.Array:
+    """Every query of a segment against the cached keys and the segment's own keys.
+
+    ``q (b, l, hq, d)`` at positions ``q_pos (b, l)``; ``cache`` a ring buffer (``k``, ``v``,
+    ``pos``) of earlier keys; ``k_new, v_new (b, l, hkv, d)`` at ``pos_new (b, l)`` (−1 = not a
+    key). Query i sees key j iff ``0 <= q_pos[i] - pos[j] < window``; a query without a visible key
+    outputs 0. Runs :func:`pallas_kernels.gathered_attention` (``impl``: its ``xla`` path on CPU,
+    memory O(l · min(window, W + l)); the Pallas kernel of a GPU / TPU backend under ``"auto"``).
+    """
+    k, v, pos = chronological_keys(cache["k"], cache["v"], cache["pos"], k_new, v_new, pos_new)
+    out = pallas_kernels.gathered_attention(q, k, v, q_pos.astype(jnp.int32), pos, window=window, impl=impl)
+    return constrain(out, ("batch", "length", "heads", "head_dim"))

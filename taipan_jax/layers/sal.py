@@ -32,6 +32,7 @@ import pallas_kernels
 from taipan_jax.layers.attention import (
     FULL_WINDOW,
     AttentionProjections,
+    cached_attention,
     dense_causal_attention,
     positions_from_segments,
     ring_attention_step,
@@ -62,31 +63,62 @@ def budget_loss(m: jax.Array, capacity: float, weights: jax.Array | None = None)
     return jnp.mean(jnp.square(capacity - frac))
 
 
-def _ring_from_sequence(k, v, positions_written, valid, size):
-    """Ring buffer (slot = write index % size) holding the last ``size`` valid entries of a sequence.
+def _ring_append(cache, k, v, pos, valid):
+    """Append a segment's entries to a ring buffer (slot = write index % size).
 
-    ``k, v (b, l, hkv, d)``; ``positions_written (b, l)`` the token positions; ``valid (b, l)`` which
-    entries are written (all, or the selected ones). Returns k_buf, v_buf, pos_buf, count.
+    ``k, v (b, l, hkv, d)``, ``pos (b, l)`` the tokens' positions, ``valid (b, l)`` which of them
+    are written (all, or the selected ones); only the last ``size`` written ones can survive, so
+    only those are scattered. ``t`` advances by ``l``.
     """
+    size = cache["pos"].shape[1]
     b, l = valid.shape
-    order = jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1  # write index of each valid entry
-    count = jnp.sum(valid.astype(jnp.int32), axis=1)
-    keep = valid & (order >= (count[:, None] - size))
-    slot = jnp.where(keep, order % size, size)  # size = a dropped entry (out-of-bounds scatter)
+    order = jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1  # index of each written entry in the segment
+    n = jnp.sum(valid.astype(jnp.int32), axis=1)
+    keep = valid & (order >= (n[:, None] - size))
+    slot = jnp.where(keep, (cache["count"][:, None] + order) % size, size)  # size = dropped
     bidx = jnp.arange(b)[:, None]
-    k_buf = jnp.zeros((b, size, *k.shape[2:]), k.dtype).at[bidx, slot].set(k, mode="drop")
-    v_buf = jnp.zeros((b, size, *v.shape[2:]), v.dtype).at[bidx, slot].set(v, mode="drop")
-    pos_buf = jnp.full((b, size), -1, jnp.int32).at[bidx, slot].set(positions_written, mode="drop")
-    return k_buf, v_buf, pos_buf, count
+    return {
+        "k": cache["k"].at[bidx, slot].set(k.astype(cache["k"].dtype), mode="drop"),
+        "v": cache["v"].at[bidx, slot].set(v.astype(cache["v"].dtype), mode="drop"),
+        "pos": cache["pos"].at[bidx, slot].set(pos.astype(jnp.int32), mode="drop"),
+        "count": cache["count"] + n,
+        "t": cache["t"] + l,
+    }
 
 
 def _prefill_ring(k, v, valid, size, dtype):
     """The decoding cache after a whole prompt: the last ``size`` valid (k, v) in a ring buffer."""
     b, l = valid.shape
     idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    k_buf, v_buf, pos_buf, count = _ring_from_sequence(k, v, idx, valid, size)
-    return {"k": k_buf.astype(dtype), "v": v_buf.astype(dtype), "pos": pos_buf, "count": count,
-            "t": jnp.full((b,), l, jnp.int32)}
+    return _ring_append(_empty_ring(b, size, k.shape[2], k.shape[3], dtype), k, v, idx, valid)
+
+
+def _segment_positions(cache, segment_ids, l, where):
+    """Positions of a segment continuing from ``cache`` (its ``t`` onward)."""
+    if segment_ids is not None:
+        raise NotImplementedError(
+            f"{where}: segment_ids together with a cache (packed documents in a streamed call) are not "
+            "supported; stream one document at a time (segment_ids=None)."
+        )
+    return cache["t"][:, None] + jnp.arange(l, dtype=jnp.int32)[None]
+
+
+def check_cache_room(cache, length: int, where: str) -> None:
+    """Raise if a full-attention cache cannot hold ``length`` more tokens (when ``t`` is concrete).
+
+    Under ``jit`` the check cannot see values; :func:`taipan_jax.evaluate.streaming_losses` checks
+    the document length against the cache size before it starts.
+    """
+    try:
+        t = int(jnp.max(cache["t"]))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return
+    size = cache["pos"].shape[-1]
+    if t + length > size:
+        raise ValueError(
+            f"{where}: the KV cache holds {size} tokens but {t} + {length} are needed; size it with "
+            "model.init_cache(batch, kv_len=...) or raise model.attention.max_decode_len"
+        )
 
 
 def _ring_write(cache, k, v, pos, write):
@@ -177,46 +209,63 @@ class SALBlock(nnx.Module):
     def cache_size(self) -> int:
         return self.sc.window
 
-    def init_cache(self, batch: int):
+    def init_cache(self, batch: int, kv_len: int | None = None):
+        del kv_len  # the ring buffer holds the window, whatever the context
         sc = self.sc
         return _empty_ring(batch, self.cache_size(), sc.num_kv_heads, sc.head_dim, self.dtype)
 
     # -- whole sequence ------------------------------------------------------------------------
     def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False,
-                 step=None, gate_logits=None):
-        """``gate_logits`` (tests only) replaces the gate's output, to check the maths exactly."""
-        if cache is not None:
-            raise NotImplementedError(
-                "SAL: continuing a whole-sequence call from a cache (streaming evaluation) is not "
-                "supported yet; prefill from the start (cache=None) and decode with step()."
-            )
+                 step=None, gate_logits=None, return_selection=False):
+        """A whole sequence, or a segment continuing from ``cache`` (streaming evaluation).
+
+        With a cache, the segment's tokens sit at positions ``cache["t"]`` onward and every selected
+        query attends the ring buffer's keys and the segment's own (exactly the dense-mode result
+        of one pass over the whole text; no overflow). ``return_selection`` adds the per-token
+        hard selection ``selected`` and ``alpha`` (both ``(b, l)`` float32) to aux.
+        ``gate_logits`` (tests only) replaces the gate's output, to check the maths exactly.
+        """
         sc = self.sc
         b, l, _ = h.shape
         x = self.norm(h)
         s = self.gate_logits(x) if gate_logits is None else gate_logits.astype(jnp.float32)
         m, hard, alpha = self.select(s, key=key, train=train, step=step)
-        positions = positions_from_segments(segment_ids, b, l)
+        valid = jnp.ones_like(hard, bool) if sc.kv_source == "all" else hard > 0
+        if cache is None:
+            positions = positions_from_segments(segment_ids, b, l)
+        else:
+            positions = _segment_positions(cache, segment_ids, l, "SAL")
         k, v = self.attn.kv(x, positions)
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
-        if sc.attention == "dense":
+        overflow = jnp.zeros((), jnp.float32)
+        if cache is not None:
+            q = self.attn.q(x, positions)
+            o = cached_attention(q, positions, cache, k, v, jnp.where(valid, positions, -1), window=sc.window,
+                                 impl=sc.impl)
+            h = h + (m * alpha)[..., None] * (self.attn.out(o).astype(h.dtype) - h)
+        elif sc.attention == "dense":
             q = self.attn.q(x, positions)
             key_mask = hard > 0 if sc.kv_source == "selected" else None
             o = self.attn.out(dense_causal_attention(q, k, v, window=sc.window, segment_ids=segment_ids,
                                                      key_mask=key_mask, implementation=sc.dense_impl or None))
             h = h + (m * alpha)[..., None] * (o.astype(h.dtype) - h)
-            overflow = jnp.zeros((), jnp.float32)
         else:
             h, overflow = self._gathered(h, x, k, v, m, hard, alpha, s, positions, segment_ids)
         new_cache = None
         if return_cache:
-            valid = jnp.ones_like(hard, bool) if sc.kv_source == "all" else hard > 0
-            new_cache = _prefill_ring(k, v, valid, self.cache_size(), self.dtype)
+            if cache is None:
+                new_cache = _prefill_ring(k, v, valid, self.cache_size(), self.dtype)
+            else:
+                new_cache = _ring_append(cache, k, v, positions, valid)
         h = self._mlp(h)
         aux = {
             "selected_frac": jnp.mean(hard),
             "budget_loss": budget_loss(m, sc.capacity),
             "overflow": overflow,
         }
+        if return_selection:
+            aux["selected"] = hard
+            aux["alpha"] = alpha
         return h, new_cache, aux
 
     def _gathered(self, h, x, k, v, m, hard, alpha, s, positions, segment_ids):
@@ -295,32 +344,46 @@ class AttentionBlock(nnx.Module):
     def cache_size(self) -> int:
         return self.ac.window or self.ac.max_decode_len
 
-    def init_cache(self, batch: int):
-        return _empty_ring(batch, self.cache_size(), self.ac.num_kv_heads, self.ac.head_dim, self.dtype)
+    def init_cache(self, batch: int, kv_len: int | None = None):
+        """An empty KV cache; ``kv_len`` sizes a full-attention cache (default ``max_decode_len``)."""
+        size = self.ac.window or (kv_len or self.ac.max_decode_len)
+        return _empty_ring(batch, size, self.ac.num_kv_heads, self.ac.head_dim, self.dtype)
 
     def _mlp(self, h):
         return h + self.mlp(self.mlp_norm(h)).astype(h.dtype)
 
-    def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False, step=None):
-        del key, train, step
-        if cache is not None:
-            raise NotImplementedError(
-                "attention block: continuing a whole-sequence call from a cache is not supported yet; "
-                "prefill from the start (cache=None) and decode with step()."
-            )
+    def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False, step=None,
+                 return_selection=False):
+        """A whole sequence, or a segment continuing from ``cache`` (its tokens at ``cache["t"]`` on).
+
+        With full attention (``window == 0``) the cache must hold every earlier token plus this
+        segment: ``max_decode_len`` (or ``init_cache(..., kv_len=)``) >= the whole text.
+        """
+        del key, train, step, return_selection
         b, l, _ = h.shape
         x = self.norm(h)
-        positions = positions_from_segments(segment_ids, b, l)
+        if cache is None:
+            positions = positions_from_segments(segment_ids, b, l)
+        else:
+            positions = _segment_positions(cache, segment_ids, l, "attention block")
+            if not self.ac.window:
+                check_cache_room(cache, l, "attention block")
         q = self.attn.q(x, positions)
         k, v = self.attn.kv(x, positions)
-        o = dense_causal_attention(q, k, v, window=self.window, segment_ids=segment_ids,
-                                   implementation=self.ac.impl or None)
+        if cache is None:
+            o = dense_causal_attention(q, k, v, window=self.window, segment_ids=segment_ids,
+                                       implementation=self.ac.impl or None)
+        else:
+            o = cached_attention(q, positions, cache, k, v, positions, window=self.window)
         h = h + self.attn.out(o).astype(h.dtype)
         new_cache = None
         if return_cache:
-            if self.ac.window == 0 and l > self.ac.max_decode_len:
-                raise ValueError(f"prompt of {l} tokens exceeds attention.max_decode_len={self.ac.max_decode_len}")
-            new_cache = _prefill_ring(k, v, jnp.ones((b, l), bool), self.cache_size(), self.dtype)
+            if cache is not None:
+                new_cache = _ring_append(cache, k, v, positions, jnp.ones((b, l), bool))
+            else:
+                if self.ac.window == 0 and l > self.ac.max_decode_len:
+                    raise ValueError(f"prompt of {l} tokens exceeds attention.max_decode_len={self.ac.max_decode_len}")
+                new_cache = _prefill_ring(k, v, jnp.ones((b, l), bool), self.cache_size(), self.dtype)
         return self._mlp(h), new_cache, {}
 
     def step(self, h, cache):
