@@ -125,3 +125,26 @@ def test_block_pattern_parsing_and_errors():
         _cfg(dtype="float8")
     with pytest.raises(ValueError, match="num_groups"):
         _cfg(num_groups=0)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_transformer_pp_prefill_streamed_prefill_and_steps_equal_full_forward(window):
+    """Transformer++ (RoPE, full or windowed attention, GQA): prefill of a 12-token prompt (longer
+    than the window 5) -- once whole, once streamed as 7 + 5 tokens -- then single-token steps give
+    the full forward's logits at every position."""
+    m = build_model(_cfg(block_pattern="attention", num_groups=2,
+                         attention=dict(num_heads=4, num_kv_heads=2, head_dim=8, window=window, max_decode_len=32)),
+                    seed=4)
+    toks = _tokens(2, 26, seed=3)
+    full, _ = m(toks)
+    step = jax.jit(lambda m, t, c: m.step(t, c))
+    _, _, whole = m(toks[:, :12], return_cache=True)
+    _, _, streamed = m(toks[:, :7], cache=m.init_cache(2), return_cache=True)
+    lg, _, streamed = m(toks[:, 7:12], cache=streamed, return_cache=True)
+    assert _rel(lg[..., :259], full[:, 7:12, :259]) <= 1e-5
+    for cache in (whole, streamed):
+        outs = []
+        for t in range(12, 26):
+            lg, cache = step(m, toks[:, t], cache)
+            outs.append(lg)
+        assert _rel(jnp.stack(outs, 1)[..., :259], full[:, 12:, :259]) <= 1e-4
