@@ -29,7 +29,8 @@ setup(
         "data": ["sentencepiece>=0.2", "tokenizers>=0.20", "tiktoken>=0.7", "seqio==0.0.20",
                  "tensorflow>=2.21,<2.22", "tensorflow-text>=2.21,<2.22", "tensorflow-datasets>=4.9.10"],
         # Streaming evaluation's perplexity-vs-context plot (taipan_jax.evaluate); the tests draw it.
-        "eval": ["matplotlib>=3.9"],
+        # lm-evaluation-harness for taipan_jax.eval (its core needs no torch; docs/assumptions.md).
+        "eval": ["matplotlib>=3.9", "lm-eval>=0.4.13,<0.5", "datasets>=3"],
         "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.9"],
     },
 )

