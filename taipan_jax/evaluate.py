@@ -61,15 +61,22 @@ def has_full_attention(model: LanguageModel) -> bool:
 
 
 # -- losses ------------------------------------------------------------------------------------
+_SEGMENT_FNS: dict = {}
+
+
 def make_segment_fn(model: LanguageModel, *, return_selection: bool = False):
-    """A jitted ``(state, cache, inputs, targets, weights) -> (nll, cache, selected)`` for one segment.
+    """``(state, run)``: the model's state and a jitted ``run(state, cache, inputs, targets, weights)
+    -> (nll, cache, selected)`` for one segment.
 
     ``nll (b, l)`` float32 per-token negative log-likelihood; ``selected`` maps each SAL's aux key
     to its number of selected tokens per group (weighted by ``weights``). The cache is donated off
-    CPU.
+    CPU. ``run`` is shared by every model of the same structure (one compilation per shape).
     """
     graphdef, state = nnx.split(model)
     donate = (1,) if jax.default_backend() != "cpu" else ()
+    key = (graphdef, return_selection, donate)
+    if key in _SEGMENT_FNS:
+        return state, _SEGMENT_FNS[key]
 
     def run(state, cache, inputs, targets, weights):
         m = nnx.merge(graphdef, state)
@@ -79,7 +86,8 @@ def make_segment_fn(model: LanguageModel, *, return_selection: bool = False):
         sel = {k: jnp.sum(v * weights, axis=(-2, -1)) for k, v in aux.items() if k.endswith("/selected")}
         return nll, cache, sel
 
-    return state, jax.jit(run, donate_argnums=donate)
+    _SEGMENT_FNS[key] = jax.jit(run, donate_argnums=donate)
+    return state, _SEGMENT_FNS[key]
 
 
 def streaming_losses(
