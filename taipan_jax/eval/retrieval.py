@@ -336,7 +336,7 @@ def evaluate_swde(predictor: Predictor, vocab, *, lengths: Sequence[int], num_fi
     return out
 
 
-def _swde_fields(row: np.ndarray, vocab, patterns) -> tuple[str | None, int, dict[str, np.ndarray]]:
+def _swde_fields(row: np.ndarray, patterns) -> tuple[str | None, int, dict[str, np.ndarray]]:
     """(queried attribute, index after the query, {attribute: value tokens}) parsed from token row."""
     queried, q_end, values = None, -1, {}
     close = patterns["close"]
@@ -368,7 +368,7 @@ def _swde_copier(vocab, choose: Callable[[str, dict], str | None]) -> Predictor:
         inputs = np.asarray(inputs)
         out = np.zeros_like(inputs)
         for r, row in enumerate(inputs):
-            queried, q_end, values = _swde_fields(row, vocab, pats)
+            queried, q_end, values = _swde_fields(row, pats)
             pick = choose(queried, values) if queried is not None else None
             if pick is None:
                 continue
