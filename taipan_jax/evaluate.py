@@ -395,7 +395,7 @@ def _compare_result(item: str, out_dir: str, settings: dict) -> dict:
     if os.path.exists(saved):
         with open(saved) as f:
             r = json.load(f)
-        if r.get("context") == settings["context"] or settings["context"] is None:
+        if r.get("context") == settings["context"] and r.get("join") == settings["join"]:
             return r
     r = evaluate_workdir(item, **settings)
     with open(os.path.join(out_dir, f"compare_{r['name']}_{result_name(settings['data'])}"), "w") as f:
@@ -429,7 +429,8 @@ def main() -> None:
         with open(path, "w") as f:
             json.dump(r, f, indent=1)
         print(f"# {workdir.value} (step {r['step']}, {r['block_pattern']} x {r['num_groups']}) on {r['data']}: "
-              f"{r['num_docs']} piece(s) of {r['context']} tokens, segment {r['segment']}")
+              f"{r['num_docs']} {'piece' if r['join'] else 'document'}(s) of up to {r['context']} tokens, "
+              f"segment {r['segment']}")
         print(format_table(r))
         tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
         print(f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.4f}"

@@ -114,9 +114,10 @@ def selection_html(vocab, tokens, sel: Mapping[str, Mapping[str, np.ndarray]], *
         alpha = np.asarray(arrays["alpha"]).reshape(-1)
         if selected.shape[0] != len(toks) or alpha.shape[0] != len(toks):
             raise ValueError(f"{name}: {selected.shape[0]} selections for {len(toks)} tokens")
+        sel_alpha = f"{alpha[selected].mean():.3f}" if selected.any() else "-"
         out.append(f"<h2>{esc(name)}</h2><p>selected {int(selected.sum())} of {len(toks)} "
-                   f"({selected.mean():.1%}), mean alpha {alpha.mean():.3f}, "
-                   f"mean alpha of the selected {alpha[selected].mean() if selected.any() else 0:.3f}</p>")
+                   f"({selected.mean():.1%}), mean alpha {alpha.mean():.3f} (max {alpha.max():.3f}), "
+                   f"mean alpha of the selected {sel_alpha}</p>")
         spans = []
         for i, (t, a, s) in enumerate(zip(texts, alpha, selected)):
             shown = esc(t).replace("\n", "<span class=\"nl\">\u21b5</span>\n")
