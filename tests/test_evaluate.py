@@ -21,10 +21,7 @@ CONFIGS = {
     # SAL window 7 < document (40 tokens); segments of 11 are not aligned to the window.
     "taipan": dict(vocab_size=259, d_model=32, num_groups=2, block_pattern="mamba2,sal", mamba=_MAMBA,
                    sal=dict(num_heads=2, num_kv_heads=1, head_dim=16, window=7, gate_init_frac=0.5)),
-    "taipan_selected_kv_rope": dict(
-        vocab_size=259, d_model=32, num_groups=1, block_pattern="mamba2,sal", mamba=_MAMBA,
-        sal=dict(num_heads=2, num_kv_heads=1, head_dim=16, window=7, gate_init_frac=0.5, kv_source="selected",
-                 positional="rope")),
+    # (kv_source="selected" with RoPE streams in tests/test_model.py::test_prefill_streamed_prefill_and_steps...)
     "mamba2": dict(vocab_size=259, d_model=32, num_groups=2, mamba=_MAMBA),
     "transformer_pp": dict(vocab_size=259, d_model=32, num_groups=2, block_pattern="attention",
                            attention=dict(num_heads=2, num_kv_heads=1, head_dim=16, max_decode_len=16)),

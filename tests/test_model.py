@@ -127,21 +127,29 @@ def test_block_pattern_parsing_and_errors():
         _cfg(num_groups=0)
 
 
-@pytest.mark.parametrize("window", [0, 5])
-def test_transformer_pp_prefill_streamed_prefill_and_steps_equal_full_forward(window):
-    """Transformer++ (RoPE, full or windowed attention, GQA): prefill of a 12-token prompt (longer
-    than the window 5) -- once whole, once streamed as 7 + 5 tokens -- then single-token steps give
-    the full forward's logits at every position."""
-    m = build_model(_cfg(block_pattern="attention", num_groups=2,
-                         attention=dict(num_heads=4, num_kv_heads=2, head_dim=8, window=window, max_decode_len=32)),
-                    seed=4)
+@pytest.mark.parametrize("kind", ["tpp_full", "tpp_window5", "taipan_selected_kv"])
+def test_prefill_streamed_prefill_and_steps_equal_full_forward(kind):
+    """A 12-token prompt (longer than the window 5), prefilled once whole and once streamed as 7 + 5
+    tokens, then single-token steps: the full forward's logits at every position. Transformer++
+    (RoPE, GQA, full or windowed attention) and Taipan with kv_source="selected" and RoPE in the SAL
+    (evaluation-mode selection; the defaults are covered in test_sal.py and test_evaluate.py)."""
+    if kind.startswith("tpp"):
+        cfg = _cfg(block_pattern="attention", num_groups=2, attention=dict(
+            num_heads=4, num_kv_heads=2, head_dim=8, window=5 if kind == "tpp_window5" else 0, max_decode_len=32))
+    else:
+        cfg = _cfg(block_pattern="mamba2,sal", num_groups=2, sal=dict(
+            num_heads=2, num_kv_heads=1, head_dim=16, window=5, kv_source="selected", positional="rope",
+            gate_init_frac=0.6))
+    m = build_model(cfg, seed=4)
     toks = _tokens(2, 26, seed=3)
-    full, _ = m(toks)
+    full, aux = m(toks)
+    if kind.startswith("taipan"):
+        assert 0.2 < float(jnp.mean(aux["1_sal/selected_frac"])) < 0.9
     step = jax.jit(lambda m, t, c: m.step(t, c))
     _, _, whole = m(toks[:, :12], return_cache=True)
-    _, _, streamed = m(toks[:, :7], cache=m.init_cache(2), return_cache=True)
-    lg, _, streamed = m(toks[:, 7:12], cache=streamed, return_cache=True)
-    assert _rel(lg[..., :259], full[:, 7:12, :259]) <= 1e-5
+    lg0, _, streamed = m(toks[:, :7], cache=m.init_cache(2), return_cache=True)
+    lg1, _, streamed = m(toks[:, 7:12], cache=streamed, return_cache=True)
+    assert _rel(jnp.concatenate([lg0, lg1], 1)[..., :259], full[:, :12, :259]) <= 1e-5
     for cache in (whole, streamed):
         outs = []
         for t in range(12, 26):
