@@ -207,7 +207,8 @@ def run(config, workdir: str) -> dict:
             step += 1
             tokens_since += tc.global_batch_size * dc.seq_len
             boundary = step % tc.log_every == 0 or step == tc.steps or step == start + 1
-            will_save = step % ck.every_steps == 0 or step == tc.steps or preempt.requested
+            stop = preempt.requested  # read once: a SIGTERM after this line is handled next step
+            will_save = step % ck.every_steps == 0 or step == tc.steps or stop
             if boundary or will_save:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if m["nonfinite"] and tc.nan_policy == "halt":
@@ -240,7 +241,7 @@ def run(config, workdir: str) -> dict:
                      f"acc {ev['heldout_accuracy']:.4f}")
             if will_save:
                 save(step, state)
-            if preempt.requested:
+            if stop:
                 ckpt.close()
                 _log(f"SIGTERM: checkpoint saved at step {step}; exiting")
                 return {"preempted": True, "step": step}
