@@ -33,9 +33,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 import traceback
 
 H, D, WINDOW, CAP = 16, 128, 2048, 0.15
@@ -67,6 +65,7 @@ def main() -> None:
     import numpy as np
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import _timing
     from pallas_kernels import GatheredAttentionBlockSizes, gathered_attention
 
     impls = args.impls.split(",")
@@ -74,23 +73,7 @@ def main() -> None:
     log("jax", jax.__version__, jax.devices())
 
     def jtime(fn, fargs):
-        for _ in range(3):
-            jax.block_until_ready(fn(*fargs))
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*fargs))
-        est = time.perf_counter() - t
-        n = int(max(5, min(200, args.seconds / max(est, 1e-5))))
-        ts = []
-        for _ in range(n):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*fargs))
-            ts.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        out = None
-        for _ in range(n):
-            out = fn(*fargs)
-        jax.block_until_ready(out)
-        return min(statistics.median(ts), (time.perf_counter() - t) / n) * 1e3
+        return _timing.jtime(fn, fargs, args.seconds)
 
     def rel(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,6 +83,7 @@ def run_jax(args):
     import jax.numpy as jnp
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import _timing
     from pallas_kernels import ssd
     from pallas_kernels.ssd import pallas_gpu as ssd_gpu
     from pallas_kernels.ssd.config import SSDBlockSizes
@@ -92,23 +92,7 @@ def run_jax(args):
     log("jax", jax.__version__, jax.devices())
 
     def jtime(fn, fargs, n_target=args.seconds):
-        for _ in range(3):
-            jax.block_until_ready(fn(*fargs))
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*fargs))
-        est = time.perf_counter() - t
-        n = int(max(5, min(200, n_target / max(est, 1e-5))))
-        ts = []
-        for _ in range(n):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*fargs))
-            ts.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        out = None
-        for _ in range(n):
-            out = fn(*fargs)
-        jax.block_until_ready(out)
-        return min(statistics.median(ts), (time.perf_counter() - t) / n) * 1e3
+        return _timing.jtime(fn, fargs, n_target)
 
     # Ceilings, measured again here.
     try:

@@ -22,28 +22,8 @@ from pallas_kernels import GatheredAttentionBlockSizes, _dispatch, gathered_atte
 from pallas_kernels.gathered_attention import api as ga_api
 from pallas_kernels.gathered_attention import pallas_gpu as ga_gpu
 from test_gathered_attention import Case, make_inputs, numpy_mask, rel_err
+from gpu_marks import _clean_interpreter_state, gpu  # noqa: F401 (autouse fixture)
 from test_gathered_attention_pallas_tpu import CASES as TPU_CASES
-
-
-def _hopper() -> bool:
-    if jax.default_backend() != "gpu":
-        return False
-    cc = getattr(jax.devices()[0], "compute_capability", "0.0")
-    return tuple(int(v) for v in str(cc).split(".")[:1]) >= (9,)
-
-
-gpu = pytest.mark.skipif(
-    not _hopper(), reason="needs a Hopper (sm_90+) GPU backend: the Mosaic GPU kernels use TMA and wgmma"
-)
-
-
-@pytest.fixture(autouse=True)
-def _clean_interpreter_state():
-    """GPU interpret mode keeps global state after an exception inside a kernel; reset it."""
-    yield
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
-
-    gpu_interpret.reset_gpu_interpret_mode_state()
 
 
 def attend(args, kwargs, impl: str, interpret: bool = False, block_sizes=None) -> jax.Array:

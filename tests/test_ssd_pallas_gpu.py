@@ -21,27 +21,7 @@ from pallas_kernels import SSDBlockSizes, _dispatch, ssd
 from pallas_kernels.ssd import api as ssd_api
 from pallas_kernels.ssd import pallas_gpu as ssd_gpu
 from test_ssd import GRAD_CASES, GRAD_NAMES, Case, make_inputs, rel_err
-
-
-def _hopper() -> bool:
-    if jax.default_backend() != "gpu":
-        return False
-    cc = getattr(jax.devices()[0], "compute_capability", "0.0")
-    return tuple(int(v) for v in str(cc).split(".")[:1]) >= (9,)
-
-
-gpu = pytest.mark.skipif(
-    not _hopper(), reason="needs a Hopper (sm_90+) GPU backend: the Mosaic GPU kernel uses TMA and wgmma"
-)
-
-
-@pytest.fixture(autouse=True)
-def _clean_interpreter_state():
-    """GPU interpret mode keeps global state after an exception inside a kernel; reset it."""
-    yield
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
-
-    gpu_interpret.reset_gpu_interpret_mode_state()
+from gpu_marks import _clean_interpreter_state, gpu  # noqa: F401 (autouse fixture)
 
 
 def _run(args, kwargs, impl, interpret=False):

@@ -242,6 +242,23 @@ def _producer(count, stages: int, consumed, issue) -> None:
         pl.when(step >= 0)(lambda step=step: plgpu.barrier_wait(consumed.at[lax.rem(step, jnp.int32(stages))]))
 
 
+def _kv_block_issuer(k_refs, v_refs, kvpos_ref, kvseg_ref, k_s, v_s, kvm_s, ready, *, bi, kvh, first, bkv):
+    """``issue(i, slot)`` for the forward / dq memory warpgroup: TMA the ``first + i``-th key block
+    (k, v parts, positions, segment ids if ``kvseg_ref``) into ``slot``, all on ``ready[slot]``."""
+    pl, plgpu = _pl(), _plgpu()
+
+    def issue(i, slot):
+        blk = pl.ds((first + i) * bkv, bkv)
+        for t in range(len(k_refs)):
+            plgpu.copy_gmem_to_smem(k_refs[t].at[bi, blk, kvh], k_s.at[slot, t], ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_refs[t].at[bi, blk, kvh], v_s.at[slot, t], ready.at[slot])
+        plgpu.copy_gmem_to_smem(kvpos_ref.at[bi, blk], kvm_s.at[slot, 0], ready.at[slot])
+        if kvseg_ref is not None:
+            plgpu.copy_gmem_to_smem(kvseg_ref.at[bi, blk], kvm_s.at[slot, 1], ready.at[slot])
+
+    return issue
+
+
 def _pl():
     import jax.experimental.pallas as pl
 
@@ -387,16 +404,9 @@ def _forward(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, kv_firs
             _set_registers(cfg, 40, "decrease")
             kvh = lax.div(h, jnp.int32(g))
 
-            def issue(i, slot):
-                blk = pl.ds((first + i) * bkv, bkv)
-                for t in range(nt):
-                    plgpu.copy_gmem_to_smem(k_refs[t].at[bi, blk, kvh], k_s.at[slot, t], ready.at[slot])
-                    plgpu.copy_gmem_to_smem(v_refs[t].at[bi, blk, kvh], v_s.at[slot, t], ready.at[slot])
-                plgpu.copy_gmem_to_smem(kvpos_ref.at[bi, blk], kvm_s.at[slot, 0], ready.at[slot])
-                if cfg.has_seg:
-                    plgpu.copy_gmem_to_smem(kvseg_ref.at[bi, blk], kvm_s.at[slot, 1], ready.at[slot])
-
-            _producer(count, S, consumed, issue)
+            kv_seg_ref = kvseg_ref if cfg.has_seg else None
+            _producer(count, S, consumed, _kv_block_issuer(k_refs, v_refs, kvpos_ref, kv_seg_ref, k_s, v_s, kvm_s,
+                                                           ready, bi=bi, kvh=kvh, first=first, bkv=bkv))
 
     bf16 = jnp.bfloat16
     scratch = (
@@ -511,16 +521,9 @@ def _dq(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, kv_first, kv
             _set_registers(cfg, 40, "decrease")
             kvh = lax.div(h, jnp.int32(g))
 
-            def issue(i, slot):
-                blk = pl.ds((first + i) * bkv, bkv)
-                for t in range(nt):
-                    plgpu.copy_gmem_to_smem(k_refs[t].at[bi, blk, kvh], k_s.at[slot, t], ready.at[slot])
-                    plgpu.copy_gmem_to_smem(v_refs[t].at[bi, blk, kvh], v_s.at[slot, t], ready.at[slot])
-                plgpu.copy_gmem_to_smem(kvpos_ref.at[bi, blk], kvm_s.at[slot, 0], ready.at[slot])
-                if cfg.has_seg:
-                    plgpu.copy_gmem_to_smem(kvseg_ref.at[bi, blk], kvm_s.at[slot, 1], ready.at[slot])
-
-            _producer(count, S, consumed, issue)
+            kv_seg_ref = kvseg_ref if cfg.has_seg else None
+            _producer(count, S, consumed, _kv_block_issuer(k_refs, v_refs, kvpos_ref, kv_seg_ref, k_s, v_s, kvm_s,
+                                                           ready, bi=bi, kvh=kvh, first=first, bkv=bkv))
 
     bf16 = jnp.bfloat16
     scratch = (
