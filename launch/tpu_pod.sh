@@ -27,17 +27,8 @@ set -euo pipefail
 ROOT=$(cd "${BASH_SOURCE[0]%/*}/.." && pwd)
 ME=tpu_pod.sh
 
-die() { echo "$ME: error: $*" >&2; exit 1; }
-warn() { echo "$ME: warning: $*" >&2; }
-quote() {  # shell-quote each argument for display / for a remote command line
-  local a out=""
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=@,+%^-]+$ ]]; then out+="$a "; else out+="'${a//\'/\'\\\'\'}' "; fi
-  done
-  printf '%s' "${out% }"
-}
-run() { echo "+ $(quote "$@")"; if [ "$DRY" = 0 ]; then "$@"; fi; }
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
+# shellcheck source=launch/_common.sh
+source "$ROOT/launch/_common.sh"
 
 NAME="" ZONE="" ACCEL="" VERSION="" PROJECT="" CONFIG="" WORKDIR="" REPO_URL="" LOGS_DIR=""
 DRY=${DRY_RUN:-0} SPOT=0 SKIP_INSTALL=0 TEARDOWN=0 DELETE_ONLY=0
@@ -71,13 +62,8 @@ GC=(--zone="$ZONE")
 [ -z "$PROJECT" ] || GC+=(--project="$PROJECT")
 
 # -- tools --------------------------------------------------------------------------------------
-if ! command -v gcloud >/dev/null 2>&1; then
-  if [ "$DRY" = 1 ]; then
-    warn "gcloud not found on PATH; dry run continues (a real run needs the Google Cloud CLI)"
-  else
-    die "gcloud not found on PATH: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install), run 'gcloud auth login', or pass --dry-run"
-  fi
-fi
+need_tool gcloud "gcloud not found on PATH; dry run continues (a real run needs the Google Cloud CLI)" \
+  "gcloud not found on PATH: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install), run 'gcloud auth login', or pass --dry-run"
 
 if [ "$DELETE_ONLY" = 1 ]; then
   run gcloud compute tpus tpu-vm delete "$NAME" "${GC[@]}" --quiet

@@ -22,17 +22,8 @@ set -euo pipefail
 ROOT=$(cd "${BASH_SOURCE[0]%/*}/.." && pwd)
 ME=xpk_example.sh
 
-die() { echo "$ME: error: $*" >&2; exit 1; }
-warn() { echo "$ME: warning: $*" >&2; }
-quote() {
-  local a out=""
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=@,+%^-]+$ ]]; then out+="$a "; else out+="'${a//\'/\'\\\'\'}' "; fi
-  done
-  printf '%s' "${out% }"
-}
-run() { echo "+ $(quote "$@")"; if [ "$DRY" = 0 ]; then "$@"; fi; }
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
+# shellcheck source=launch/_common.sh
+source "$ROOT/launch/_common.sh"
 
 CLUSTER="" WORKLOAD="" TPU_TYPE="" PROJECT="" ZONE="" CONFIG="" WORKDIR="" IMAGE=""
 BASE_IMAGE=python:3.12-slim SLICES=1 DELETE=0 DRY=${DRY_RUN:-0}
@@ -64,13 +55,8 @@ XPK_COMMON=(--cluster="$CLUSTER")
 [ -z "$PROJECT" ] || XPK_COMMON+=(--project="$PROJECT")
 [ -z "$ZONE" ] || XPK_COMMON+=(--zone="$ZONE")
 
-if ! command -v xpk >/dev/null 2>&1; then
-  if [ "$DRY" = 1 ]; then
-    warn "xpk not found on PATH; dry run continues (a real run needs 'pip install xpk', gcloud and kubectl)"
-  else
-    die "xpk not found on PATH: pip install xpk (it also needs gcloud and kubectl), or pass --dry-run"
-  fi
-fi
+need_tool xpk "xpk not found on PATH; dry run continues (a real run needs 'pip install xpk', gcloud and kubectl)" \
+  "xpk not found on PATH: pip install xpk (it also needs gcloud and kubectl), or pass --dry-run"
 
 if [ "$DELETE" = 1 ]; then
   run xpk workload delete "${XPK_COMMON[@]}" --workload="$WORKLOAD"
