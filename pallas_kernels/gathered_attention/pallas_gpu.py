@@ -60,7 +60,13 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels._bf16_split import split_bf16, truncate_to_bf16
-from pallas_kernels.gathered_attention.plan import _I32_MAX, _round_up, kv_blocks_per_q_block, q_blocks_per_kv_block
+from pallas_kernels.gathered_attention.plan import (
+    _I32_MAX,
+    _round_up,
+    kv_blocks_per_q_block,
+    pad_rows,
+    q_blocks_per_kv_block,
+)
 
 LOG2E = math.log2(math.e)
 _MASK = -0.7 * float(np.finfo(np.float32).max)  # finite: exp2(mask - mask) is not NaN
@@ -432,13 +438,13 @@ def _forward(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, kv_firs
 # --------------------------------------------------------------------------- backward: dq
 
 
-def _dq(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, kv_first, kv_count, do, lse2, delta):
+def _dq(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, kv_first, kv_count, do, lse2, delta, parts):
+    """``dq``; ``parts``: the bf16 parts of ``(q, do, k, v)`` (shared with :func:`_dkv`)."""
     pl, plgpu = _pl(), _plgpu()
     b, sq, hq, dp = q.shape
     nt, S, bkv, g = cfg.nterm, cfg.stages_dq, cfg.block_kv, cfg.groups
     n_tiles = sq // (COMPUTE_WGS * ROWS)
     row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-    parts = [split_bf16(a, nt) for a in (q, do, k, v)]
     n_res = 2 * nt + 3 + cfg.has_seg
     n_str = 2 * nt + 1 + cfg.has_seg
 
@@ -549,14 +555,14 @@ def _dq(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, kv_first, kv
 # --------------------------------------------------------------------------- backward: dk, dv
 
 
-def _dkv(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, q_first, q_count, do, lse2, delta):
+def _dkv(cfg: _Config, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg, q_first, q_count, do, lse2, delta, parts):
+    """``dk, dv``; ``parts``: the bf16 parts of ``(q, do, k, v)`` (shared with :func:`_dq`)."""
     pl, plgpu = _pl(), _plgpu()
     b, sq, hq, dp = q.shape
     skv, hkv = k.shape[1:3]
     nt, S, g = cfg.nterm, cfg.stages_dkv, cfg.groups
     n_tiles = skv // (COMPUTE_WGS * ROWS)
     row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-    parts = [split_bf16(a, nt) for a in (q, do, k, v)]
     n_res = 2 * nt + 1 + cfg.has_seg
     n_str = 2 * nt + 3 + cfg.has_seg
 
@@ -705,8 +711,9 @@ def _flash_bwd(cfg, res, do):
     do = do.astype(q.dtype)
     delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
     common = (cfg, q, k, v, scale, q_pos, kv_pos, q_seg, kv_seg)
-    dq = _dq(*common, kv_first, kv_count, do, lse2, delta)
-    dk, dv = _dkv(*common, q_first, q_count, do, lse2, delta)
+    parts = [split_bf16(a, cfg.nterm) for a in (q, do, k, v)]
+    dq = _dq(*common, kv_first, kv_count, do, lse2, delta, parts)
+    dk, dv = _dkv(*common, q_first, q_count, do, lse2, delta, parts)
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -760,15 +767,10 @@ def gathered_attention_pallas_gpu(
     cfg = _Config(window=window, groups=hq // hkv, nterm=nterm, has_seg=has_seg, dp=dp, block_kv=bkv,
                   stages_fwd=s_fwd, stages_dq=s_dq, stages_dkv=s_dkv, interpret=bool(interpret))
 
-    def pad_rows(a, n, fill):
-        return jnp.pad(a.astype(jnp.int32), [(0, 0), (0, n - a.shape[1])], constant_values=fill)
-
     def pad(a, n):
         return jnp.pad(a.astype(dtype), [(0, 0), (0, n - a.shape[1]), (0, 0), (0, dp - d)])
 
-    qp, kp = pad_rows(q_pos, sq_pad, -1), pad_rows(kv_pos, skv_pad, -1)
-    qs = pad_rows(q_seg, sq_pad, 0) if has_seg else None
-    ks = pad_rows(kv_seg, skv_pad, 0) if has_seg else None
+    qp, kp, qs, ks = pad_rows(q_pos, kv_pos, q_seg, kv_seg, sq_pad, skv_pad)
     plan = (*kv_blocks_per_q_block(qp, kp, window, tile_q, bkv),
             *q_blocks_per_kv_block(qp, kp, window, ROWS, COMPUTE_WGS * ROWS))
     scale = jnp.reshape(jnp.asarray(sm_scale, jnp.float32), (1,))

@@ -61,6 +61,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.gathered_attention.plan import (  # noqa: F401 (re-exported for tests)
     _round_up,
     kv_blocks_per_q_block,
+    pad_rows,
     q_blocks_per_kv_block,
 )
 
@@ -501,15 +502,10 @@ def gathered_attention_pallas_tpu(
     cfg = _Config(window=window, block_q=bq, block_kv=bkv, groups=hq // hkv, has_seg=has_seg,
                   interpret=interpret)
 
-    def pad_rows(a, n, fill):
-        return jnp.pad(a.astype(jnp.int32), [(0, 0), (0, n - a.shape[1])], constant_values=fill)
-
     def head_major(a, n):
         return jnp.pad(a, [(0, 0), (0, n - a.shape[1]), (0, 0), (0, 0)]).transpose(0, 2, 1, 3)
 
-    qp, kp = pad_rows(q_pos, sq_pad, -1), pad_rows(kv_pos, skv_pad, -1)
-    qs = pad_rows(q_seg, sq_pad, 0) if has_seg else None
-    ks = pad_rows(kv_seg, skv_pad, 0) if has_seg else None
+    qp, kp, qs, ks = pad_rows(q_pos, kv_pos, q_seg, kv_seg, sq_pad, skv_pad)
     plan = (*kv_blocks_per_q_block(qp, kp, window, bq, bkv), *q_blocks_per_kv_block(qp, kp, window, bq, bkv))
     scale = jnp.reshape(jnp.asarray(sm_scale, jnp.float32), (1,))
     out = _flash(cfg, head_major(q, sq_pad), head_major(k, skv_pad), head_major(v, skv_pad), scale,

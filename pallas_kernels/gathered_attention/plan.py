@@ -19,6 +19,17 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def pad_rows(q_pos, kv_pos, q_seg, kv_seg, sq_pad: int, skv_pad: int):
+    """Positions (padding: -1) and segment ids (padding: 0, or ``None``) as int32, padded along
+    the sequence to the kernels' tile multiples ``sq_pad`` / ``skv_pad``."""
+
+    def pad(a, n, fill):
+        return None if a is None else jnp.pad(a.astype(jnp.int32), [(0, 0), (0, n - a.shape[1])],
+                                              constant_values=fill)
+
+    return pad(q_pos, sq_pad, -1), pad(kv_pos, skv_pad, -1), pad(q_seg, sq_pad, 0), pad(kv_seg, skv_pad, 0)
+
+
 def _sorted_keys(pos: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Positions with padding replaced by int32 max (a sorted row) and the number of valid ones."""
     valid = pos >= 0
