@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,21 +50,24 @@ def generate(
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be a non-empty (batch, length) array, got shape {prompt.shape}")
     graphdef, state = nnx.split(model)
+    return np.asarray(_generate(graphdef, state, prompt, key, int(num_tokens), float(temperature), int(top_k),
+                                float(top_p)))
 
-    @jax.jit
-    def run(state, prompt, key):
-        m = nnx.merge(graphdef, state)
-        logits, _, cache = m(prompt, return_cache=True)
-        k0, key = jax.random.split(key)
-        first = sample_logits(logits[:, -1], k0, temperature=temperature, top_k=top_k, top_p=top_p)
 
-        def body(carry, k):
-            tok, cache = carry
-            lg, cache = m.step(tok, cache)
-            nxt = sample_logits(lg, k, temperature=temperature, top_k=top_k, top_p=top_p)
-            return (nxt, cache), tok
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _generate(graphdef, state, prompt, key, num_tokens, temperature, top_k, top_p):
+    """Prefill, then ``num_tokens`` sampled single-token steps (compiled once per model structure,
+    prompt shape and sampling settings)."""
+    m = nnx.merge(graphdef, state)
+    logits, _, cache = m(prompt, return_cache=True)
+    k0, key = jax.random.split(key)
+    first = sample_logits(logits[:, -1], k0, temperature=temperature, top_k=top_k, top_p=top_p)
 
-        (_, _), toks = jax.lax.scan(body, (first, cache), jax.random.split(key, num_tokens))
-        return toks.T
+    def body(carry, k):
+        tok, cache = carry
+        lg, cache = m.step(tok, cache)
+        nxt = sample_logits(lg, k, temperature=temperature, top_k=top_k, top_p=top_p)
+        return (nxt, cache), tok
 
-    return np.asarray(run(state, prompt, key))
+    (_, _), toks = jax.lax.scan(body, (first, cache), jax.random.split(key, num_tokens))
+    return toks.T
