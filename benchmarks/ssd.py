@@ -10,7 +10,8 @@ state, no segments -- what both peers support):
    reference ``y`` with our chunked ``xla`` path in float32 on the upcast inputs (HIGHEST
    precision; the tests hold it to 1e-5 of the sequential oracle), checks every jax impl's
    output against it (relative L2), then times forward and forward+backward (grad of
-   ``sum(y * gy)`` w.r.t. x, dt, A, B, C) of: ``ours`` = ``ssd(impl="pallas_gpu")``,
+   ``sum(y * gy)`` w.r.t. x, dt, A, B, C) of: ``ours`` = ``ssd(impl="pallas_gpu")``
+   (``ours_f32``: the same on float32 copies of x/B/C, the three-part split path),
    ``xla`` = ``ssd(impl="xla")``, ``jla`` = jax-linear-attention 0.1.0's Mosaic GPU
    ``simple_gla`` (``q=C, k=B, v=dt*x, g=dt*A, scale=1``), if importable. It saves the
    inputs and reference for step 2.
@@ -137,6 +138,10 @@ def run_jax(args):
                                               jnp.zeros((b, L), jnp.int32), bs)
                 return y
             return direct
+        if name == "ours_f32":  # float32 x/B/C: the three-part bf16 split (upcast inside the timing)
+            f32 = jnp.float32
+            return lambda x, dt, A, B, C: ssd(x.astype(f32), dt, A, B.astype(f32), C.astype(f32),
+                                              impl="pallas_gpu").astype(x.dtype)
         if name == "jla":
             def f(x, dt, A, B, C):
                 v = (x.astype(jnp.float32) * dt[..., None]).astype(x.dtype)
@@ -148,7 +153,7 @@ def run_jax(args):
     rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b).ravel()) / jnp.linalg.norm(b.ravel()))  # noqa: E731
     ref_fn = jax.jit(lambda x, dt, A, B, C: ssd(x.astype(jnp.float32), dt, A, B.astype(jnp.float32),
                                                   C.astype(jnp.float32), impl="xla"))
-    names = [n for n in ("ours", "xla") if n in args.impls] + (["jla"] if have_jla else [])
+    names = [n for n in ("ours", "ours_f32", "xla") if n in args.impls] + (["jla"] if have_jla else [])
     variants = [json.loads(v) for v in args.variants] if args.variants else []
     os.makedirs(args.tmp, exist_ok=True)
     for b, L in args.shapes:
@@ -284,7 +289,8 @@ def summary(args):
              f"{ceil_tf:.0f} TFLOP/s bf16 matmul, {ceil_gb:.0f} GB/s copy (workplace: {CEIL_TFLOPS:.0f}, {CEIL_GBS:.0f})",
              "median ms; H=64 P=64 N=128 g=1 bf16; check = rel L2 vs float32 xla reference (<= 2e-2 to be timed)"]
     impls = ["ours", "xla", "jla", "triton"]
-    extra = sorted({n for k, v in res.items() if isinstance(v, dict) for n in v if n.startswith("ours{")})
+    extra = sorted({n for k, v in res.items() if isinstance(v, dict) for n in v
+                    if n.startswith("ours{") or n == "ours_f32"})
     for mode, label in (("fwd_ms", "forward"), ("fwdbwd_ms", "forward+backward")):
         lines.append("")
         lines.append(f"{label}:")

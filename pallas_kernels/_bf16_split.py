@@ -25,9 +25,14 @@ def truncate_to_bf16(a: jax.Array) -> jax.Array:
 
 
 def split_bf16(a: jax.Array, nterm: int) -> tuple[jax.Array, ...]:
-    """``(bf16,)`` or ``(hi, lo)`` bfloat16 parts with ``hi + lo = a`` to ~2^-16 relative."""
+    """``nterm`` bfloat16 parts summing to ``a``: ``(bf16,)``, ``(hi, lo)`` (~2^-16 relative) or
+    ``(hi, mid, lo)`` (~2^-24: float32 accuracy)."""
     if nterm == 1:
         return (a.astype(jnp.bfloat16),)
-    a = a.astype(jnp.float32)
-    hi = truncate_to_bf16(a)
-    return hi.astype(jnp.bfloat16), (a - hi).astype(jnp.bfloat16)
+    rest = a.astype(jnp.float32)
+    parts = []
+    for _ in range(nterm - 1):
+        part = truncate_to_bf16(rest)
+        parts.append(part.astype(jnp.bfloat16))
+        rest = rest - part
+    return (*parts, rest.astype(jnp.bfloat16))

@@ -267,7 +267,7 @@ def _ssd(
     if impl == "reference":
         y, final_state = ssd_reference(x_c, dt_c, A_c, B_c, C_c, D_c, state0, doc)
     elif impl == "pallas_gpu":
-        # x, B, C keep their dtype: bfloat16 feeds bf16 wgmma operands, others the hi/lo split.
+        # x, B, C keep their dtype: bfloat16 feeds bf16 wgmma operands, others the three-part bf16 split.
         y, final_state = _pallas_gpu.ssd_pallas_gpu(
             x, dt_c, A_c, B, C, D_c, state0, doc, block_sizes, interpret=interpret,
         )

@@ -26,9 +26,15 @@ segment's local end state, a tiny scan over segments links them (:func:`_scan_sp
 
 Precision: bfloat16 ``x``/``B``/``C`` run bf16 wgmma operands with float32 accumulation
 (like the peers; forward ~2.3e-3 relative to float32 math on the same values). Any other
-input dtype (float32, float16) splits every matmul operand into ``hi + lo`` bfloat16 parts and
-does three wgmmas per product (``hi.hi + hi.lo + lo.hi``): ~5e-6 relative for float32
-inputs. States, decays and accumulation are always float32.
+input dtype (float32, float16) splits every matmul operand into three bfloat16 parts
+(``hi + mid + lo``, 24 significant bits) and does six wgmmas per product (the part pairs of
+order < 2^-16): ~5e-7 relative for float32 inputs. States, decays and accumulation are always
+float32. A two-part split (16 bits, three wgmmas: ~5e-6) was not enough for ``dA``: on a
+4096-token case its error was 7e-4 (interpret) / 1.04e-3 (H200) against float64, because
+``dA`` sums largely cancelling per-token terms computed by different scans; the three-part
+split gives 2.7e-5. To fit its operands in shared memory the three-part kernels store ``y``
+and the saved states from registers and read the boundary states from global memory
+directly (float32) instead of staging them.
 
 Backward: a ``jax.custom_vjp`` whose backward pass is **also Pallas**: the same kernel run
 three more times (reverse scans for ``dx`` and ``dB``, a forward scan for ``dC``; per-head
@@ -45,6 +51,7 @@ largely cancelling terms) are less accurate than the other gradients (~1e-2 rela
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -70,11 +77,48 @@ def _round_up(v: int, m: int) -> int:
 # support checks used by the dispatcher
 
 
+def _direct(nterm: int) -> bool:
+    """Three-part split: ``y``, saved states and the boundary states go between registers and
+    global memory directly (no shared-memory staging), to fit the larger operands."""
+    return nterm >= 3
+
+
+def _scratch_spec(nterm: int, T: int, dk: int, bv: int, out_dtype: Any, stages: int, *, states_only: bool,
+                  has_z: bool) -> list[tuple]:
+    """The scratch buffers of one :func:`_scan` CTA, in order: ``(kind, shape, dtype)`` with kind
+    ``"tiled"`` (swizzled wgmma operand) or ``"smem"``, or ``("barrier", count)``. Unused
+    buffers get small placeholders so the list's structure is fixed."""
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    direct = _direct(nterm)
+    nb = (2 if states_only else 3) * nterm + 1  # TMA barriers per stage
+    return [
+        ("tiled", (1, 1, 8, 64) if states_only else (stages, nterm, T, dk), bf16),  # q_s
+        ("tiled", (stages, nterm, T, dk), bf16),  # k_s
+        ("tiled", (stages, nterm, T, bv), bf16),  # v_s
+        ("smem", (stages, _NVEC, T), f32),  # vec_s
+        ("tiled", (1, 8, 64) if states_only else (nterm, bv, dk), bf16),  # s_s: state operand
+        ("tiled", (nterm, T, bv), bf16),  # vw_s: w_end * values
+        ("tiled", (1, 8, 64) if states_only else (nterm, T, T), bf16),  # gm_s: masked, decayed G
+        ("tiled", (8, 64) if direct or states_only else (T, bv), out_dtype),  # y_s
+        ("smem", (bv,), f32),  # d_s
+        ("barrier", stages * nb),  # TMA loads
+        ("barrier", 1),  # d_bar
+        ("tiled", (stages, nterm, bv, dk) if has_z and not direct else (1, 1, 8, 64), bf16),  # f_s
+        ("smem", (bv,), f32),  # z_s
+        ("barrier", stages * nterm),  # f_bar
+    ]
+
+
 def _smem_bytes(nterm: int, T: int, dk: int, bv: int, out_itemsize: int, stages: int) -> int:
-    """Shared memory of one :func:`_scan` CTA (matches the scratch list, plus slack)."""
-    per_stage = 2 * nterm * T * dk * 2 + nterm * T * bv * 2 + _NVEC * T * 4 + nterm * bv * dk * 2  # + zdot F
-    fixed = nterm * bv * dk * 2 + nterm * T * bv * 2 + nterm * T * T * 2 + T * bv * out_itemsize + bv * 4
-    return stages * per_stage + fixed + 1024
+    """Shared memory of the largest :func:`_scan` CTA of a call (with the boundary-state
+    buffers, ``out_itemsize`` output): buffers are placed at 1024-byte boundaries, barriers
+    take 8 bytes (matches Mosaic GPU's count on the CUDA lowering; tested)."""
+    total = 0
+    out_dtype = {2: jnp.bfloat16, 4: jnp.float32}[out_itemsize]
+    for kind, *rest in _scratch_spec(nterm, T, dk, bv, out_dtype, stages, states_only=False, has_z=True):
+        size = 8 * rest[0] if kind == "barrier" else math.prod(rest[0]) * jnp.dtype(rest[1]).itemsize
+        total += _round_up(size, 1024)
+    return total
 
 
 _MAX_SMEM = 232448  # bytes per CTA on Hopper (227 KiB)
@@ -101,7 +145,7 @@ def unsupported_reason(x: jax.Array, B: jax.Array, C: jax.Array, block_sizes: SS
     if dk > MAX_KEY_DIM:
         return f"p={p}, n={n}: both must be <= {MAX_KEY_DIM}"
     if _smem_bytes(nterm, T, dk, bv, 4, 1) > _MAX_SMEM:
-        kind = "bfloat16" if nterm == 1 else "non-bfloat16 (hi/lo split)"
+        kind = "bfloat16" if nterm == 1 else "non-bfloat16 (three-part bf16 split)"
         return (f"p={p}, n={n} with {kind} x/B/C and gpu_chunk={T}, gpu_block_v={bv} "
                 "exceed the 227 KiB of shared memory per CTA")
     return None
@@ -132,8 +176,9 @@ def _scan(
     """Run the fused chunk scan.
 
     Args:
-        qs, ks, vs: query / key / value operands, each a tuple of ``nterm`` (1 or 2)
-            bfloat16 arrays ``(b, L, G, d)`` (``hi`` [, ``lo``]); ``G`` divides ``h``.
+        qs, ks, vs: query / key / value operands, each a tuple of ``nterm`` (1, 2 or 3)
+            bfloat16 arrays ``(b, L, G, d)`` (parts of a split, see
+            :func:`pallas_kernels._bf16_split.split_bf16`); ``G`` divides ``h``.
             Query and key share ``d = dk``, values have ``d = dv``. ``L`` is a multiple
             of the chunk ``T``. ``qs=None``: states only (no ``y``).
         vec: ``(b, h, nc, 8, T)`` float32 per-token rows (see ``_CS`` ...).
@@ -145,11 +190,12 @@ def _scan(
             one chunk ahead, more SMEM).
         nseg: the sequence is cut into ``nseg`` equal segments of chunks, one CTA each,
             each starting from its own ``init`` row (see :func:`_scan_split`).
-        save_states: also return the state after every chunk, ``nterm`` bfloat16 parts
-            ``(b, h, nc, dv, dk)`` (the ``hi`` [, ``lo``] split of the float32 state).
-        zdot: ``nterm`` bfloat16 parts ``(b, h, nc, dv, dk)`` of states ``F_c`` (from a
-            ``save_states`` forward scan); also return ``z (b, h, nc, dv)`` with
-            ``z[c] = rowsum(F_c * S)`` where ``S`` is the state carried into chunk ``c``.
+        save_states: also return the state after every chunk ``(b, h, nc, dv, dk)``: the
+            ``nterm`` bfloat16 parts of the float32 state, or (three-part split) the float32
+            state itself.
+        zdot: states ``F_c`` as returned by a ``save_states`` forward scan with the same
+            ``nterm``; also return ``z (b, h, nc, dv)`` with ``z[c] = rowsum(F_c * S)`` where
+            ``S`` is the state carried into chunk ``c``.
 
     Returns:
         ``y (b, L, h, dv)`` in ``out_dtype`` (``None`` if ``qs is None``), the state
@@ -180,20 +226,21 @@ def _scan(
             transforms=(plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swz)),
         )
 
-    # pairs (i, j) of hi/lo terms whose product we keep
-    terms = [(0, 0)] if nterm == 1 else [(0, 0), (0, 1), (1, 0)]
+    # pairs (i, j) of split parts whose product we keep (part i is ~2^-8i of the value)
+    terms = [(i, j) for i in range(nterm) for j in range(nterm) if i + j < max(nterm, 2)]
 
     def split(v):
-        if nterm == 1:
-            return (v.astype(bf16),)
-        hi = _truncate_to_bf16(v)
-        return (hi.astype(bf16), (v - hi).astype(bf16))
+        return _split(v, nterm)
 
     has_d = D is not None and not states_only
     has_z = zdot is not None
+    direct = _direct(nterm)
+    spec = _scratch_spec(nterm, T, dk, block_v, out_dtype, stages, states_only=states_only, has_z=has_z)
+    nf = 0 if not has_z else (1 if direct else nterm)  # zdot arrays
+    nst = 0 if not save_states else (1 if direct else nterm)  # save_states arrays
     assert not (states_only and (save_states or has_z))
     nops = 2 if states_only else 3
-    nb = nops * nterm + 1  # TMA barriers per stage
+    nb = nops * nterm + 1  # TMA barriers per stage (as in _scratch_spec)
 
     def body(*refs):
         nq = 0 if states_only else nterm
@@ -206,7 +253,7 @@ def _scan(
         if has_d:
             d_ref, rest = rest[0], rest[1:]
         if has_z:
-            f_refs, rest = rest[:nterm], rest[nterm:]
+            f_refs, rest = rest[:nf], rest[nf:]
         if states_only:
             y_ref, fin_ref = None, rest[0]
             rest = rest[1:]
@@ -214,7 +261,7 @@ def _scan(
             y_ref, fin_ref = rest[0], rest[1]
             rest = rest[2:]
         if save_states:
-            st_refs, rest = rest[:nterm], rest[nterm:]
+            st_refs, rest = rest[:nst], rest[nst:]
         if has_z:
             z_ref, rest = rest[0], rest[1:]
         (q_s, k_s, v_s, vec_s, s_s, vw_s, gm_s, y_s, d_s, bars, d_bar, f_s, z_s, f_bar) = rest
@@ -239,7 +286,7 @@ def _scan(
                 if not states_only:
                     plgpu.copy_gmem_to_smem(q_refs[t].at[bi, tok, iq], q_s.at[slot, t], bar(2 * nterm + t))
             plgpu.copy_gmem_to_smem(vec_ref.at[bi, hi, c], vec_s.at[slot], bar(nops * nterm))
-            if has_z:
+            if has_z and not direct:
                 for t in range(nterm):
                     plgpu.copy_gmem_to_smem(f_refs[t].at[bi, hi, c, vsl], f_s.at[slot, t], f_bar.at[slot * nterm + t])
 
@@ -269,16 +316,20 @@ def _scan(
             we_r = plgpu.load(ve.at[_WE], layout=row_l)
             cdec = vec_s[slot, _CDEC, 0]
             vals = plgpu.load(vv.at[0], layout=plgpu.Layout.WGMMA).astype(f32)
-            if nterm == 2:
-                vals = vals + plgpu.load(vv.at[1], layout=plgpu.Layout.WGMMA).astype(f32)
+            for t in range(1, nterm):
+                vals = vals + plgpu.load(vv.at[t], layout=plgpu.Layout.WGMMA).astype(f32)
 
             if has_z:
                 # Boundary term: rowsum(F_c * carried state), before this chunk's update.
-                for t in range(nterm):
-                    plgpu.barrier_wait(f_bar.at[slot * nterm + t])
-                f_val = plgpu.load(f_s.at[slot, 0], layout=plgpu.Layout.WGMMA).astype(f32)
-                if nterm == 2:
-                    f_val = f_val + plgpu.load(f_s.at[slot, 1], layout=plgpu.Layout.WGMMA).astype(f32)
+                if direct:
+                    f_val = plgpu.load(f_refs[0].at[bi, hi, chunk_of(step), vsl], layout=plgpu.Layout.WGMMA,
+                                       optimized=False)
+                else:
+                    for t in range(nterm):
+                        plgpu.barrier_wait(f_bar.at[slot * nterm + t])
+                    f_val = plgpu.load(f_s.at[slot, 0], layout=plgpu.Layout.WGMMA).astype(f32)
+                    for t in range(1, nterm):
+                        f_val = f_val + plgpu.load(f_s.at[slot, t], layout=plgpu.Layout.WGMMA).astype(f32)
                 zrow = jnp.sum(f_val * state, axis=1)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous z store
                 z_s[...] = zrow
@@ -335,10 +386,13 @@ def _scan(
                 if scale_out:
                     us_r = plgpu.load(ve.at[_US], layout=row_l)
                     y = y * lax.broadcast_in_dim(us_r, (T, block_v), [0])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous chunk's y store
-                y_s[...] = y.astype(out_dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(y_s, y_ref.at[bi, pl.ds(chunk_of(step) * T, T), hi, vsl])
+                if direct:
+                    y_ref[bi, pl.ds(chunk_of(step) * T, T), hi, vsl] = y.astype(out_dtype)
+                else:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous chunk's y store
+                    y_s[...] = y.astype(out_dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(y_s, y_ref.at[bi, pl.ds(chunk_of(step) * T, T), hi, vsl])
 
             # State update with the values scaled by w_end.
             vw_parts = split(vals * lax.broadcast_in_dim(we_r, (T, block_v), [0]))
@@ -360,7 +414,9 @@ def _scan(
                 for t in range(nterm):
                     s_s[t] = s_parts[t]
                 plgpu.commit_smem()
-                if save_states:
+                if save_states and direct:
+                    st_refs[0][bi, hi, chunk_of(step), vsl] = new_state
+                elif save_states:
                     for t in range(nterm):
                         plgpu.copy_smem_to_gmem(s_s.at[t], st_refs[t].at[bi, hi, chunk_of(step), vsl])
             else:
@@ -378,27 +434,15 @@ def _scan(
         plgpu.wait_smem_to_gmem(0)
 
     ydt = jnp.dtype(out_dtype)
-    # (states only: small placeholders keep the scratch list fixed)
-    scratch = (
-        tiled((1, 1, 8, 64) if states_only else (stages, nterm, T, dk), bf16),  # q_s
-        tiled((stages, nterm, T, dk), bf16),          # k_s
-        tiled((stages, nterm, T, block_v), bf16),     # v_s
-        plgpu.SMEM((stages, _NVEC, T), f32),          # vec_s
-        tiled((1, 8, 64) if states_only else (nterm, block_v, dk), bf16),  # s_s: state operand
-        tiled((nterm, T, block_v), bf16),             # vw_s: w_end * values
-        tiled((1, 8, 64) if states_only else (nterm, T, T), bf16),  # gm_s: masked, decayed G
-        tiled((T, block_v), ydt),                     # y_s
-        plgpu.SMEM((block_v,), f32),                  # d_s
-        plgpu.Barrier(num_barriers=stages * nb),
-        plgpu.Barrier(),
-        tiled((stages, nterm, block_v, dk) if has_z else (1, 1, 8, 64), bf16),  # f_s
-        plgpu.SMEM((block_v,), f32),                  # z_s
-        plgpu.Barrier(num_barriers=stages * nterm),   # f_bar
+    scratch = tuple(
+        plgpu.Barrier(num_barriers=rest[0]) if kind == "barrier"
+        else tiled(*rest) if kind == "tiled" else plgpu.SMEM(*rest)
+        for kind, *rest in spec
     )
     fin_type = jax.ShapeDtypeStruct((b * nseg, h, dv, dk), f32)
     out_type = (fin_type,) if states_only else (jax.ShapeDtypeStruct((b, L, h, dv), ydt), fin_type)
     if save_states:
-        out_type += tuple(jax.ShapeDtypeStruct((b, h, nc, dv, dk), bf16) for _ in range(nterm))
+        out_type += tuple(jax.ShapeDtypeStruct((b, h, nc, dv, dk), f32 if direct else bf16) for _ in range(nst))
     if has_z:
         out_type += (jax.ShapeDtypeStruct((b, h, nc, dv), f32),)
     kernel = plgpu.kernel(
@@ -496,8 +540,8 @@ def _chunk_vectors(a: jax.Array, u: jax.Array, out_scale: jax.Array | None, doc:
 
 
 def _nterm(*arrays: jax.Array) -> int:
-    """1: bfloat16 wgmma operands; 2: hi/lo bfloat16 split for float32 accuracy."""
-    return 1 if all(a.dtype == jnp.bfloat16 for a in arrays) else 2
+    """1: bfloat16 wgmma operands; 3: three-part bfloat16 split for float32 accuracy."""
+    return 1 if all(a.dtype == jnp.bfloat16 for a in arrays) else 3
 
 
 def _pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -677,7 +721,7 @@ def ssd_pallas_gpu(
     """SSD with the contract of :func:`pallas_kernels.ssd.reference.ssd_reference`, on Mosaic GPU.
 
     ``x``, ``B``, ``C`` in their input dtype (bfloat16 runs bf16 wgmma operands, anything
-    else the float32-accurate hi/lo split); ``dt`` (preprocessed), ``A``, ``D (h, p)``,
+    else the float32-accurate three-part split); ``dt`` (preprocessed), ``A``, ``D (h, p)``,
     ``initial_state`` float32; ``doc (b, l)`` int32. Differentiable (Pallas backward).
 
     Returns:
