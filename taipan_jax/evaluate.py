@@ -40,7 +40,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from taipan_jax.model import LanguageModel
+from taipan_jax.model import LanguageModel, has_full_attention  # noqa: F401 (re-exported)
 
 
 # -- caches ------------------------------------------------------------------------------------
@@ -53,11 +53,6 @@ def cache_signature(cache: Any) -> list[tuple[str, tuple[int, ...], str]]:
     """``(path, shape, dtype)`` of every array in a cache pytree."""
     flat = jax.tree_util.tree_flatten_with_path(cache)[0]
     return [(jax.tree_util.keystr(p), tuple(x.shape), str(jnp.dtype(x.dtype))) for p, x in flat]
-
-
-def has_full_attention(model: LanguageModel) -> bool:
-    """True when a block keeps a KV cache that grows with the text (attention with window 0)."""
-    return "attention" in model.cfg.group and model.cfg.attention.window == 0
 
 
 # -- losses ------------------------------------------------------------------------------------

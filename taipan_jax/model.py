@@ -68,7 +68,8 @@ class Mamba2Block(nnx.Module):
         h = self._mlp(h + out.astype(h.dtype))
         return h, new_cache, {}
 
-    def step(self, h, cache):
+    def step(self, h, cache, key=None):
+        del key
         out, cache = self.mixer.step(self.norm(h), cache)
         h = h + out.astype(h.dtype)
         return self._mlp(h), cache
@@ -87,10 +88,13 @@ class BlockGroup(nnx.Module):
     def init_cache(self, batch: int, kv_len: int | None = None):
         return [b.init_cache(batch, kv_len) for b in self.blocks]
 
+    def _block_keys(self, key):
+        return [None] * len(self.blocks) if key is None else list(jax.random.split(key, len(self.blocks)))
+
     def __call__(self, h, *, segment_ids=None, cache=None, return_cache=False, key=None, train=False, step=None,
                  return_selection=False):
         caches, aux = [], {}
-        keys = [None] * len(self.blocks) if key is None else list(jax.random.split(key, len(self.blocks)))
+        keys = self._block_keys(key)
         for i, block in enumerate(self.blocks):
             h, c, a = block(
                 h, segment_ids=segment_ids, cache=None if cache is None else cache[i],
@@ -102,12 +106,17 @@ class BlockGroup(nnx.Module):
             h = constrain(h, ("batch", "length", "embed"))
         return h, (caches if return_cache else None), aux
 
-    def step(self, h, cache):
+    def step(self, h, cache, key=None):
         new = []
-        for i, block in enumerate(self.blocks):
-            h, c = block.step(h, cache[i])
+        for i, (block, k) in enumerate(zip(self.blocks, self._block_keys(key))):
+            h, c = block.step(h, cache[i], key=k)
             new.append(c)
         return h, new
+
+
+def has_full_attention(model: "LanguageModel") -> bool:
+    """True when a block keeps a KV cache that grows with the text (attention with window 0)."""
+    return "attention" in model.cfg.group and model.cfg.attention.window == 0
 
 
 _SCAN_META = {nnx.PARTITION_NAME: "layers"}  # stacked groups gain a leading 'layers' axis
@@ -195,7 +204,8 @@ class LanguageModel(nnx.Module):
         """``tokens (b, l) int32`` -> ``(logits (b, l, V_pad) f32, aux)`` [+ cache].
 
         ``train=True`` samples the SALs' Gumbel noise from ``key`` (and anneals tau by ``step``);
-        evaluation selects deterministically. ``aux`` maps metric names
+        evaluation selects deterministically (``sal.eval_selection``: by default the training
+        distribution's hard sample with noise keyed by token position). ``aux`` maps metric names
         (``"<index in group>_<block type>/<metric>"``) to arrays stacked over the ``num_groups`` axis.
         ``return_selection=True`` adds each SAL's per-token ``selected`` (hard, 0/1) and ``alpha``
         (``(num_groups, b, l)`` float32). With ``cache`` the tokens continue the cached text
@@ -205,8 +215,7 @@ class LanguageModel(nnx.Module):
         if cache is not None:
             self._check_kv_room(cache, tokens.shape[1])
         h = self._embed(tokens)
-        n = cfg.num_groups
-        keys = None if key is None else jax.random.split(key, n)
+        keys = self._group_keys(key, train)
 
         def run_group(group, h, c, k):
             return group(h, segment_ids=segment_ids, cache=c, return_cache=return_cache, key=k, train=train,
@@ -242,16 +251,27 @@ class LanguageModel(nnx.Module):
             for c in ([cache] if self.cfg.scan_layers else cache):
                 check_cache_room(c[i], length, f"block {i} (attention)")
 
+    def _group_keys(self, key, train: bool):
+        """Per-group keys: from ``key`` (training noise), or at evaluation the SALs' fixed
+        evaluation-noise key ``key(sal.eval_seed)`` (``eval_selection="sampled"``); ``None`` if
+        no block needs one. ``__call__`` and ``step`` derive every SAL's key the same way, so
+        decoding selects exactly the tokens a full forward selects."""
+        cfg = self.cfg
+        if key is None and not train and "sal" in cfg.group and cfg.sal.eval_selection == "sampled":
+            key = jax.random.key(cfg.sal.eval_seed)
+        return None if key is None else jax.random.split(key, cfg.num_groups)
+
     # -- one token -----------------------------------------------------------------------------
     def step(self, tokens: jax.Array, cache: Any):
         """``tokens (b,) int32`` -> ``(logits (b, V_pad) f32, new cache)``."""
         h = self._embed(tokens[:, None])[:, 0]
+        keys = self._group_keys(None, train=False)
         if self.cfg.scan_layers:
-            h, cache = self._scan_groups(lambda g, h, c: g.step(h, c), h, cache)
+            h, cache = self._scan_groups(lambda g, h, xs: g.step(h, xs[0], key=xs[1]), h, (cache, keys))
         else:
             new = []
-            for g, c in zip(self.groups, cache):
-                h, c = g.step(h, c)
+            for i, (g, c) in enumerate(zip(self.groups, cache)):
+                h, c = g.step(h, c, key=None if keys is None else keys[i])
                 new.append(c)
             cache = new
         return self._logits(h), cache

@@ -109,6 +109,11 @@ class SALConfig:
     d_intermediate: int = 0  # SwiGLU width; 0 = int(8 d / 3) rounded up to 128
     impl: str = "auto"  # pallas_kernels.gathered_attention impl (gathered mode)
     dense_impl: str = ""  # jax.nn.dot_product_attention implementation (dense mode): "" (jax picks) | xla | cudnn
+    # evaluation / decoding selection: "sampled" = the training distribution's hard sample with
+    # Gumbel noise keyed by (eval_seed, SAL, token position): deterministic, P(select) = alpha;
+    # "threshold" = [s_1 > s_0]. Reasons: docs/assumptions.md.
+    eval_selection: str = "sampled"
+    eval_seed: int = 0
 
     def validate(self) -> None:
         w = "model.sal"
@@ -126,6 +131,8 @@ class SALConfig:
             raise ValueError(f"{w}.kv_source must be 'all' or 'selected', got {self.kv_source!r}")
         if self.attention not in ("dense", "gathered"):
             raise ValueError(f"{w}.attention must be 'dense' or 'gathered', got {self.attention!r}")
+        if self.eval_selection not in ("sampled", "threshold"):
+            raise ValueError(f"{w}.eval_selection must be 'sampled' or 'threshold', got {self.eval_selection!r}")
         if self.dense_impl not in ("", "xla", "cudnn"):
             raise ValueError(f"{w}.dense_impl must be '', 'xla' or 'cudnn', got {self.dense_impl!r}")
         if not 0.0 <= self.gate_init_frac < 1.0:

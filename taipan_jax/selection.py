@@ -9,7 +9,8 @@ From a notebook::
     sel = selections(model, tokens)      # {"group0/2_sal": {"selected": (b, l) bool, "alpha": (b, l) f32}, ...}
     html = selection_html(vocab, tokens[0], sel)
 
-Evaluation-mode selection: a token is selected when its gate logits have ``s1 > s0``;
+Evaluation-mode selection (``model.sal.eval_selection``): by default the hard Gumbel sample of
+training with noise keyed by the token's position (deterministic; ``"threshold"``: ``s1 > s0``);
 ``alpha = softmax(s)[1]`` is the weight of the attention output in Eq. 5 (only selected tokens use
 it). A SAL is named ``group<g>/<index in group>_sal``, as in the trainer's metrics. Texts longer
 than ``segment`` tokens are fed in segments through the caches (same result as one pass).

@@ -61,25 +61,33 @@ def evaluate_heldout(trainer: Trainer, params, heldout, vocab) -> dict:
 
     ``heldout`` yields ``(local batch, global batch)``; tokens with weight 0 (padding) do not count.
     Bits per byte use the vocabulary's bytes per target token (0 for special ids such as EOS);
-    ``heldout_accuracy`` is the argmax accuracy over weighted tokens (the MQAR metric for MQAR data).
+    ``heldout_accuracy`` is the argmax accuracy over weighted tokens (the MQAR metric for MQAR data);
+    ``heldout_selected_frac`` (models with SALs) the fraction of weighted tokens that the SALs
+    select in evaluation mode, over all SALs (for MQAR: of the query tokens).
     """
     nats, tokens, correct, nbytes = 0.0, 0.0, 0.0, 0
+    selected, slots = 0.0, 0.0
     for batch, full in heldout:
         out = trainer.eval_step(params, batch)
         nats += float(out["nats"])
         tokens += float(out["tokens"])
         correct += float(out["correct"])
+        selected += float(out.get("selected", 0.0))
+        slots += float(out.get("selected_slots", 0.0))
         w = full.get("weights")
         per_tok = vocab.bytes_per_token(full["targets"]) if vocab is not None else np.zeros(full["targets"].shape)
         nbytes += int((per_tok * (1 if w is None else w)).sum())
     loss = nats / max(tokens, 1.0)
-    return {
+    result = {
         "heldout_loss": loss,
         "heldout_ppl": math.exp(min(loss, 50.0)),
         "heldout_bpb": nats / math.log(2) / nbytes if nbytes else float("nan"),
         "heldout_accuracy": correct / max(tokens, 1.0),
         "heldout_tokens": tokens,
     }
+    if slots:
+        result["heldout_selected_frac"] = selected / slots  # evaluation-mode selection, all SALs
+    return result
 
 
 class _Preemption:
@@ -237,8 +245,9 @@ def run(config, workdir: str) -> dict:
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 ev = evaluate_heldout(trainer, state["params"], heldout, vocab)
                 writer.write(step, ev)
+                sel = f"  sel {ev['heldout_selected_frac']:.3f}" if "heldout_selected_frac" in ev else ""
                 _log(f"step {step:6d}  heldout loss {ev['heldout_loss']:.4f}  bpb {ev['heldout_bpb']:.4f}  "
-                     f"acc {ev['heldout_accuracy']:.4f}")
+                     f"acc {ev['heldout_accuracy']:.4f}{sel}")
             if will_save:
                 save(step, state)
             if stop:
@@ -253,9 +262,11 @@ def run(config, workdir: str) -> dict:
               "first_loss": history[0]["loss"] if history else None,
               "nonfinite_steps": int(state["nonfinite_steps"])}
     result.update(evaluate_heldout(trainer, state["params"], heldout, vocab))
+    sel = (f", SAL selected {result['heldout_selected_frac']:.3f} (evaluation mode)"
+           if "heldout_selected_frac" in result else "")
     _log(f"held-out ({dc.heldout_corpus}): loss {result['heldout_loss']:.4f} nats/token, "
          f"ppl {result['heldout_ppl']:.3f}, bits/byte {result['heldout_bpb']:.4f}, "
-         f"accuracy {result['heldout_accuracy']:.4f}")
+         f"accuracy {result['heldout_accuracy']:.4f}{sel}")
 
     sc = config.sample
     if sc.num_tokens > 0 and vocab is not None:

@@ -251,12 +251,18 @@ class Trainer:
 
     def _eval_step_impl(self, params, batch):
         model = self.model(params)
-        logits, _ = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
+        has_sal = "sal" in self.cfg.group
+        logits, aux = model(batch["inputs"], segment_ids=batch.get("segment_ids"), return_selection=has_sal)
         losses = token_losses(logits, batch["targets"])
         w = batch.get("weights")
         w = jnp.ones_like(losses) if w is None else w.astype(jnp.float32)  # 0 = padding
         correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-        return {"nats": jnp.sum(losses * w), "tokens": jnp.sum(w), "correct": jnp.sum(correct * w)}
+        out = {"nats": jnp.sum(losses * w), "tokens": jnp.sum(w), "correct": jnp.sum(correct * w)}
+        if has_sal:  # evaluation-mode selection over weighted tokens, all SALs together
+            sel = [v for k, v in aux.items() if k.endswith("sal/selected")]  # each (num_groups, b, l)
+            out["selected"] = sum(jnp.sum(v * w[None]) for v in sel)
+            out["selected_slots"] = sum(v.shape[0] for v in sel) * jnp.sum(w)
+        return out
 
     def eval_step(self, params, batch):
         with self._context():

@@ -166,14 +166,15 @@ def test_local_multiple_choice_task_end_to_end(setup, no_network):
     assert res["sample_len"] == len(DOCS)
     assert 0.0 <= out["results"]["tiny_gen"]["exact_match,none"] <= 1.0
 
-    # The same accuracy from the model directly: [BOS] + context + choice, argmax of the choice sums.
+    # The same accuracy from the model directly: [BOS] + context + " " (lm-eval's default
+    # target_delimiter) + choice, argmax of the choice sums.
     vocab = get_vocabulary("bytes")
     right = 0
     for d in DOCS:
         ctx = [vocab.bos_id] + vocab.encode(f"Q: {d['question']}\nA:").tolist()
         scores = []
         for c in d["choices"]:
-            cont = vocab.encode(c).tolist()
+            cont = vocab.encode(" " + c).tolist()
             lp, _ = _direct_logprobs(setup["model"], ctx + cont, width=48)
             scores.append(lp[-len(cont):].astype(np.float64).sum())
         right += int(np.argmax(scores)) == d["label"]

@@ -156,3 +156,20 @@ def test_prefill_streamed_prefill_and_steps_equal_full_forward(kind):
             lg, cache = step(m, toks[:, t], cache)
             outs.append(lg)
         assert _rel(jnp.stack(outs, 1)[..., :259], full[:, 12:, :259]) <= 1e-4
+
+
+def test_generate_refuses_to_wrap_a_full_attention_kv_cache():
+    """Transformer++ with full attention keeps max_decode_len KV slots: a prompt plus new tokens
+    that need more positions is refused (it would overwrite the oldest keys), the exact fit runs."""
+    from taipan_jax.sampling import generate
+
+    cfg = _cfg(block_pattern="attention", num_groups=1, attention=dict(
+        num_heads=2, num_kv_heads=1, head_dim=8, window=0, max_decode_len=16))
+    m = build_model(cfg, seed=0)
+    prompt = np.asarray(_tokens(1, 10))
+    out = generate(m, prompt, num_tokens=7, key=jax.random.key(0), temperature=0.0)  # 10 + 7 - 1 = 16 slots
+    assert out.shape == (1, 7)
+    with pytest.raises(ValueError, match="needs 17 KV-cache positions.*max_decode_len=16"):
+        generate(m, prompt, num_tokens=8, key=jax.random.key(0), temperature=0.0)
+    with pytest.raises(ValueError, match="num_tokens must be >= 1"):
+        generate(m, prompt, num_tokens=0, key=jax.random.key(0))

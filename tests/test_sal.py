@@ -79,13 +79,27 @@ def _rel(a, b):
     return np.linalg.norm(_np(a) - _np(b)) / np.linalg.norm(_np(b))
 
 
+def _eval_noise(seed, positions):
+    """The evaluation noise written out per token: Gumbel draws from fold_in(key(seed), position)."""
+    key = jax.random.key(seed)
+    return np.stack([np.asarray(jax.random.gumbel(jax.random.fold_in(key, int(p)), (2,), jnp.float32))
+                     for p in np.asarray(positions).reshape(-1)]).reshape(*np.shape(positions), 2)
+
+
 @pytest.mark.parametrize("mode", ["dense", "gathered"])
 @pytest.mark.parametrize("kv_source", ["all", "selected"])
-def test_eval_output_equals_paper_formula(mode, kv_source):
-    blk = _block(attention=mode, kv_source=kv_source, capacity_factor=4.0)
+@pytest.mark.parametrize("eval_selection", ["sampled", "threshold"])
+def test_eval_output_equals_paper_formula(mode, kv_source, eval_selection):
+    blk = _block(attention=mode, kv_source=kv_source, capacity_factor=4.0, eval_selection=eval_selection,
+                 eval_seed=3)
     h, s = _inputs()
     out, _, aux = blk(h, gate_logits=s)
-    selected = np.asarray(s[..., 1] > s[..., 0])
+    if eval_selection == "threshold":
+        selected = np.asarray(s[..., 1] > s[..., 0])
+    else:  # the hard Gumbel sample, noise keyed by position (the same in both rows)
+        g = _eval_noise(3, np.broadcast_to(np.arange(L), s.shape[:2]))
+        selected = np.asarray(s)[..., 1] + g[..., 1] > np.asarray(s)[..., 0] + g[..., 0]
+        assert not np.array_equal(selected, np.asarray(s[..., 1] > s[..., 0]))
     assert _rel(out, paper_sal(blk, h, s, selected)) <= 1e-5
     np.testing.assert_allclose(float(aux["selected_frac"]), selected.mean(), rtol=1e-6)
     assert float(aux["overflow"]) == 0
@@ -109,10 +123,10 @@ def test_segments_and_rope_dense_equals_gathered():
     h, s = _inputs(seed=2)
     outs = []
     for mode in ("dense", "gathered"):
-        blk = _block(seed=3, attention=mode, positional="rope", capacity_factor=4.0)
+        blk = _block(seed=3, attention=mode, positional="rope", capacity_factor=4.0, eval_selection="threshold")
         outs.append(np.asarray(blk(h, gate_logits=s, segment_ids=seg)[0]))
     assert _rel(outs[1], outs[0]) <= 1e-5
-    blk = _block(seed=3, attention="dense", capacity_factor=4.0)
+    blk = _block(seed=3, attention="dense", capacity_factor=4.0, eval_selection="threshold")
     selected = np.asarray(s[..., 1] > s[..., 0])
     out = blk(h, gate_logits=s, segment_ids=seg)[0]
     assert _rel(out, paper_sal(blk, h, s, selected, np.asarray(seg))) <= 1e-5
@@ -120,7 +134,7 @@ def test_segments_and_rope_dense_equals_gathered():
 
 @pytest.mark.parametrize("mode", ["dense", "gathered"])
 def test_unselected_tokens_reach_the_swiglu_bit_for_bit(mode):
-    blk = _block(attention=mode, capacity_factor=4.0)
+    blk = _block(attention=mode, capacity_factor=4.0, eval_selection="threshold")
     blk.mlp.wo.kernel[...] = jnp.zeros_like(blk.mlp.wo.kernel[...])  # block output = SwiGLU input
     h, s = _inputs(seed=4)
     out = np.asarray(blk(h, gate_logits=s)[0])
@@ -131,7 +145,8 @@ def test_unselected_tokens_reach_the_swiglu_bit_for_bit(mode):
 
 
 def test_overflow_drops_lowest_margin_and_is_counted():
-    blk = _block(attention="gathered", capacity=0.125, capacity_factor=1.0)  # k_max = 3 of 24
+    blk = _block(attention="gathered", capacity=0.125, capacity_factor=1.0,  # k_max = 3 of 24
+                 eval_selection="threshold")
     blk.mlp.wo.kernel[...] = jnp.zeros_like(blk.mlp.wo.kernel[...])
     h, s = _inputs(seed=5, frac=0.5)
     out, _, aux = blk(h, gate_logits=s)
@@ -193,14 +208,43 @@ def test_budget_loss_function():
     np.testing.assert_allclose(float(budget_loss(m, 0.15)), ((0.15 - 0.25) ** 2 + (0.15 - 0.5) ** 2) / 2, rtol=1e-6)
 
 
-def test_decode_steps_equal_full_forward_with_prompt_longer_than_window():
+def test_eval_sampled_selection_has_the_training_rate_and_depends_only_on_position():
+    """Training's hard sample selects with probability alpha (for any tau); so does the
+    evaluation sample, while threshold selection (s1 > s0) picks nothing when alpha < 0.5
+    everywhere (a gate that meets the budget C = 0.15 with alpha ~ C)."""
+    n = 8192
+    for alpha in (0.15, 0.6):
+        s = jnp.zeros((2, n, 2)).at[..., 1].set(math.log(alpha / (1 - alpha)))
+        pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (2, n))
+        _, hard, _ = _block(eval_selection="sampled").select(s, key=None, train=False, positions=pos)
+        hard = np.asarray(hard)
+        assert np.array_equal(hard[0], hard[1])  # position-keyed: same token, same draw
+        sigma = math.sqrt(alpha * (1 - alpha) / n)
+        assert abs(hard[0].mean() - alpha) < 4 * sigma, (alpha, hard[0].mean())
+        _, train_hard = straight_through_gumbel(s, jax.random.key(1), 1.0)
+        assert abs(float(np.asarray(train_hard).mean()) - alpha) < 4 * sigma / math.sqrt(2)
+        _, thr, _ = _block(eval_selection="threshold").select(s, key=None, train=False, positions=pos)
+        assert float(np.asarray(thr).mean()) == (1.0 if alpha > 0.5 else 0.0)
+    # shifted positions (a later segment of a stream) see the same noise as in one pass
+    s = jnp.asarray(np.random.RandomState(0).randn(1, 64, 2), jnp.float32)
+    blk = _block(eval_selection="sampled")
+    whole = blk.select(s, key=None, train=False, positions=jnp.arange(64, dtype=jnp.int32)[None])[1]
+    tail = blk.select(s[:, 40:], key=None, train=False, positions=jnp.arange(40, 64, dtype=jnp.int32)[None])[1]
+    assert np.array_equal(np.asarray(whole)[:, 40:], np.asarray(tail))
+    g = _eval_noise(0, np.arange(64))
+    np.testing.assert_array_equal(np.asarray(whole)[0], (np.asarray(s[0, :, 1]) + g[:, 1] > np.asarray(s[0, :, 0]) + g[:, 0]))
+
+
+@pytest.mark.parametrize("eval_selection", ["sampled", "threshold"])
+def test_decode_steps_equal_full_forward_with_prompt_longer_than_window(eval_selection):
     from taipan_jax.model import build_model
 
     for kv_source in ("all", "selected"):
         cfg = ModelConfig.from_dict(dict(
             vocab_size=259, d_model=32, num_groups=2, block_pattern="mamba2,sal",
             mamba=dict(d_state=8, headdim=16, chunk_size=8),
-            sal=dict(num_heads=2, num_kv_heads=1, head_dim=16, window=5, kv_source=kv_source, gate_init_frac=0.6)))
+            sal=dict(num_heads=2, num_kv_heads=1, head_dim=16, window=5, kv_source=kv_source, gate_init_frac=0.6,
+                     eval_selection=eval_selection)))
         m = build_model(cfg, seed=1)
         toks = jnp.asarray(np.random.RandomState(0).randint(0, 259, (2, 26)), jnp.int32)
         full, aux = m(toks)
@@ -221,6 +265,7 @@ def test_decode_steps_equal_full_forward_with_prompt_longer_than_window():
     (dict(kv_source="some"), "kv_source"),
     (dict(attention="sparse"), "attention must be"),
     (dict(gate="conv"), "gate must be"),
+    (dict(eval_selection="topk"), "eval_selection must be"),
 ])
 def test_bad_sal_configs_are_named(sal, match):
     with pytest.raises(ValueError, match=match):

@@ -24,9 +24,19 @@ def _model(pattern="mamba2,sal", groups=2, seed=0):
                                                   mamba=_MAMBA, sal=_SAL)), seed=seed)
 
 
-def test_alpha_is_softmax_of_the_gate_and_selection_is_s1_gt_s0():
+def _eval_noise(seed, num_groups, group, num_blocks, block, positions):
+    """The model's evaluation noise for one SAL, written out: key(eval_seed) split over the groups,
+    then over the group's blocks, then one Gumbel pair per position from fold_in(key, position)."""
+    key = jax.random.split(jax.random.split(jax.random.key(seed), num_groups)[group], num_blocks)[block]
+    return np.stack([np.asarray(jax.random.gumbel(jax.random.fold_in(key, int(p)), (2,), jnp.float32))
+                     for p in positions])
+
+
+@pytest.mark.parametrize("eval_selection", ["sampled", "threshold"])
+def test_alpha_is_softmax_of_the_gate_and_selection_is_the_evaluation_rule(eval_selection):
     """A lone SAL sees the embeddings: recompute its gate in numpy from the weights."""
-    m = _model("sal", groups=1)
+    m = build_model(ModelConfig.from_dict(dict(vocab_size=259, d_model=32, num_groups=1, block_pattern="sal",
+                                               mamba=_MAMBA, sal=dict(_SAL, eval_selection=eval_selection))), seed=0)
     toks = np.random.RandomState(0).randint(0, 259, (2, 30)).astype(np.int32)
     sel = selections(m, toks)
     assert list(sel) == ["group0/0_sal"]
@@ -38,6 +48,9 @@ def test_alpha_is_softmax_of_the_gate_and_selection_is_s1_gt_s0():
     e = np.exp(s - s.max(-1, keepdims=True))
     alpha = (e / e.sum(-1, keepdims=True))[..., 1]
     np.testing.assert_allclose(sel["group0/0_sal"]["alpha"], alpha, rtol=1e-5, atol=1e-6)
+    if eval_selection == "sampled":
+        g = _eval_noise(0, 1, 0, 1, 0, range(30))
+        s = s + g[None]
     assert np.array_equal(sel["group0/0_sal"]["selected"], s[..., 1] > s[..., 0])
     assert sel["group0/0_sal"]["selected"].dtype == bool and 0 < sel["group0/0_sal"]["selected"].mean() < 1
 

@@ -5,7 +5,8 @@ SAL, for a residual stream ``h (b, l, d)`` (choices the paper leaves open: docs/
     x      = RMSNorm(h)
     s      = G(x) in R^2                                   # gate (Eq. 1), float32
     m      = ST-Gumbel-softmax(s, tau)[1]   (training)     # Eq. 2/3: forward {0,1}, backward soft
-           = [s_1 > s_0]                    (evaluation)
+           = [s_1 + g_1(p) > s_0 + g_0(p)]  (evaluation, eval_selection="sampled": Gumbel noise
+                                             keyed by the token's position p; or [s_1 > s_0])
     alpha  = softmax(s)[1]
     o      = W_o Attention(W_q x_sel, W_k x, W_v x)        # selected queries, sliding window, no PE
     h      = h + m * alpha * (o - h)                       # Eq. 5: (1-alpha) h + alpha o if selected
@@ -52,6 +53,18 @@ def straight_through_gumbel(s: jax.Array, key: jax.Array, tau: jax.Array | float
     y_soft = jax.nn.softmax((s + g) / tau, axis=-1)[..., 1]
     hard = (jnp.argmax(s + g, axis=-1) == 1).astype(jnp.float32)
     return hard + (y_soft - jax.lax.stop_gradient(y_soft)), hard
+
+
+def position_gumbel(key: jax.Array, positions: jax.Array) -> jax.Array:
+    """Gumbel(0, 1) noise ``(..., 2)`` that depends only on ``key`` and each token's position.
+
+    Evaluation-mode selection draws from the training distribution (``P(select) = alpha``) yet
+    stays a deterministic function of the text: a token gets the same noise in a full forward,
+    a streamed segment, a decode step, alone or in any batch.
+    """
+    flat = jnp.maximum(positions, 0).astype(jnp.uint32).reshape(-1)
+    g = jax.vmap(lambda p: jax.random.gumbel(jax.random.fold_in(key, p), (2,), jnp.float32))(flat)
+    return g.reshape(*positions.shape, 2)
 
 
 def budget_loss(m: jax.Array, capacity: float, weights: jax.Array | None = None) -> jax.Array:
@@ -191,13 +204,26 @@ class SALBlock(nnx.Module):
             return jnp.float32(sc.tau)
         return jnp.maximum(sc.tau_min, sc.tau * jnp.exp(-sc.tau_anneal_rate * jnp.asarray(step, jnp.float32)))
 
-    def select(self, s: jax.Array, *, key, train: bool, step=None):
-        """``(m, hard, alpha)`` from gate logits ``s (..., 2)``."""
+    def select(self, s: jax.Array, *, key, train: bool, step=None, positions=None):
+        """``(m, hard, alpha)`` from gate logits ``s (..., 2)``.
+
+        Training: straight-through Gumbel-softmax with noise from ``key``. Evaluation
+        (``eval_selection="sampled"``): the hard sample with :func:`position_gumbel` noise from
+        ``key`` (the model passes each SAL its own; default ``key(eval_seed)``) and ``positions``
+        (same shape as ``s[..., 0]``); ``"threshold"``: ``[s_1 > s_0]``.
+        """
         alpha = jax.nn.sigmoid(s[..., 1] - s[..., 0])  # = softmax(s)[1]
         if train:
             if key is None:
                 raise ValueError("SAL: training mode needs a PRNG key for the Gumbel noise")
             m, hard = straight_through_gumbel(s, key, self.tau(step))
+        elif self.sc.eval_selection == "sampled":
+            if positions is None:
+                raise ValueError("SAL: sampled evaluation selection needs the tokens' positions")
+            key = jax.random.key(self.sc.eval_seed) if key is None else key
+            g = position_gumbel(key, positions)
+            hard = (s[..., 1] + g[..., 1] > s[..., 0] + g[..., 0]).astype(jnp.float32)
+            m = hard
         else:
             hard = (s[..., 1] > s[..., 0]).astype(jnp.float32)
             m = hard
@@ -229,12 +255,12 @@ class SALBlock(nnx.Module):
         b, l, _ = h.shape
         x = self.norm(h)
         s = self.gate_logits(x) if gate_logits is None else gate_logits.astype(jnp.float32)
-        m, hard, alpha = self.select(s, key=key, train=train, step=step)
-        valid = jnp.ones_like(hard, bool) if sc.kv_source == "all" else hard > 0
         if cache is None:
             positions = positions_from_segments(segment_ids, b, l)
         else:
             positions = _segment_positions(cache, segment_ids, l, "SAL")
+        m, hard, alpha = self.select(s, key=key, train=train, step=step, positions=positions)
+        valid = jnp.ones_like(hard, bool) if sc.kv_source == "all" else hard > 0
         k, v = self.attn.kv(x, positions)
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         overflow = jnp.zeros((), jnp.float32)
@@ -301,12 +327,13 @@ class SALBlock(nnx.Module):
         return h, overflow
 
     # -- one token -----------------------------------------------------------------------------
-    def step(self, h, cache):
+    def step(self, h, cache, key=None):
+        """One token per sequence; ``key``: this SAL's evaluation-noise key (as in ``__call__``)."""
         sc = self.sc
         x = self.norm(h)
         s = self.gate_logits(x)
-        _, hard, alpha = self.select(s, key=None, train=False)
         pos = cache["t"]
+        _, hard, alpha = self.select(s, key=key, train=False, positions=pos)
         k, v = self.attn.kv(x[:, None], pos[:, None])
         write = jnp.ones_like(hard, bool) if sc.kv_source == "all" else hard > 0
         cache = _ring_write(cache, k[:, 0], v[:, 0], pos, write)
@@ -386,7 +413,8 @@ class AttentionBlock(nnx.Module):
                 new_cache = _prefill_ring(k, v, jnp.ones((b, l), bool), self.cache_size(), self.dtype)
         return self._mlp(h), new_cache, {}
 
-    def step(self, h, cache):
+    def step(self, h, cache, key=None):
+        del key
         x = self.norm(h)
         pos = cache["t"]
         k, v = self.attn.kv(x[:, None], pos[:, None])
