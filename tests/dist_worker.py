@@ -84,8 +84,9 @@ def scenario_restore(out, workdir):
         ck.close()
         same = all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(restored["params"])))
         devices_used = {dev.id for x in jax.tree.leaves(restored["params"]) for dev in x.sharding.device_set}
+        restored_step = int(restored["step"])  # before train_step, which donates (deletes) its input state
         new_state, m = t.train_step(restored, batch_for(2, c), jax.random.key(2))
-        result[name] = {"bitwise_equal": same, "devices": sorted(devices_used), "step": int(restored["step"]),
+        result[name] = {"bitwise_equal": same, "devices": sorted(devices_used), "step": restored_step,
                         "loss_rel_vs_8": abs(float(m["loss"]) - float(ref_m["loss"])) / abs(float(ref_m["loss"]))}
     return result
 
