@@ -62,9 +62,12 @@ def position_gumbel(key: jax.Array, positions: jax.Array) -> jax.Array:
     stays a deterministic function of the text: a token gets the same noise in a full forward,
     a streamed segment, a decode step, alone or in any batch.
     """
-    flat = jnp.maximum(positions, 0).astype(jnp.uint32).reshape(-1)
-    g = jax.vmap(lambda p: jax.random.gumbel(jax.random.fold_in(key, p), (2,), jnp.float32))(flat)
-    return g.reshape(*positions.shape, 2)
+    def draw(p):
+        return jax.random.gumbel(jax.random.fold_in(key, p), (2,), jnp.float32)
+
+    for _ in range(positions.ndim):  # vmap per axis (no reshape: keeps a sharded batch axis in place)
+        draw = jax.vmap(draw)
+    return draw(jnp.maximum(positions, 0).astype(jnp.uint32))
 
 
 def budget_loss(m: jax.Array, capacity: float, weights: jax.Array | None = None) -> jax.Array:
