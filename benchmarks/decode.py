@@ -46,8 +46,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from taipan_jax.evaluate import cache_bytes, has_full_attention, streaming_losses  # noqa: E402
-from taipan_jax.model import LanguageModel, build_model, count_params  # noqa: E402
+from taipan_jax.evaluate import cache_bytes, streaming_losses  # noqa: E402
+from taipan_jax.model import LanguageModel, build_model, count_params, has_full_attention  # noqa: E402
 from taipan_jax.model_config import ModelConfig  # noqa: E402
 
 

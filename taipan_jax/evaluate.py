@@ -40,7 +40,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from taipan_jax.model import LanguageModel, has_full_attention  # noqa: F401 (re-exported)
+from taipan_jax.model import LanguageModel, has_full_attention
 
 
 # -- caches ------------------------------------------------------------------------------------

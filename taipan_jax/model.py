@@ -119,6 +119,15 @@ def has_full_attention(model: "LanguageModel") -> bool:
     return "attention" in model.cfg.group and model.cfg.attention.window == 0
 
 
+def check_decode_room(model: "LanguageModel", positions: int, what: str, hint: str = "raise max_decode_len") -> None:
+    """Refuse a decode that needs more than the ``max_decode_len`` slots of a full-attention KV
+    cache (inside jit the ring buffer would silently overwrite its oldest keys)."""
+    cap = model.cfg.attention.max_decode_len
+    if has_full_attention(model) and positions > cap:
+        raise ValueError(f"{what} needs {positions} KV-cache positions, more than "
+                         f"model.attention.max_decode_len={cap} (full attention); {hint}")
+
+
 _SCAN_META = {nnx.PARTITION_NAME: "layers"}  # stacked groups gain a leading 'layers' axis
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from taipan_jax.model import LanguageModel, has_full_attention
+from taipan_jax.model import LanguageModel, check_decode_room
 
 
 def sample_logits(
@@ -51,12 +51,8 @@ def generate(
         raise ValueError(f"prompt must be a non-empty (batch, length) array, got shape {prompt.shape}")
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
-    if has_full_attention(model):  # its KV cache has max_decode_len slots; a longer text would wrap
-        need, cap = prompt.shape[1] + int(num_tokens) - 1, model.cfg.attention.max_decode_len
-        if need > cap:
-            raise ValueError(
-                f"prompt of {prompt.shape[1]} tokens + {num_tokens} new tokens needs {need} KV-cache positions, "
-                f"more than model.attention.max_decode_len={cap} (full attention); raise max_decode_len")
+    check_decode_room(model, prompt.shape[1] + int(num_tokens) - 1,
+                      f"prompt of {prompt.shape[1]} tokens + {num_tokens} new tokens")
     graphdef, state = nnx.split(model)
     return np.asarray(_generate(graphdef, state, prompt, key, int(num_tokens), float(temperature), int(top_k),
                                 float(top_p)))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from taipan_jax.model import LanguageModel, abstract_model
+from taipan_jax.model import LanguageModel, abstract_model, check_decode_room
 from taipan_jax.model_config import ModelConfig
 from taipan_jax.sampling import sample_logits
 
@@ -185,13 +185,6 @@ class ModelRunner:
             out[lo: lo + part.shape[0]] = np.asarray(_argmax(self.graphdef, self.state, chunk))[: part.shape[0], :l]
         return out
 
-    def _check_kv_room(self, positions: int) -> None:
-        cfg = self.model.cfg
-        if "attention" in cfg.group and cfg.attention.window == 0 and positions > cfg.attention.max_decode_len:
-            raise ValueError(f"generation reaches position {positions} but the full-attention KV cache holds "
-                             f"model.attention.max_decode_len={cfg.attention.max_decode_len}; shorten the prompts "
-                             "(max_length) or max_gen_toks")
-
     def _check_ids(self, x: np.ndarray) -> None:
         if x.size and (x.min() < 0 or x.max() >= self.vocab_size):
             raise ValueError(f"token id out of the model's range [0, {self.vocab_size}): min {x.min()}, max {x.max()}")
@@ -229,10 +222,11 @@ class ModelRunner:
             rows = list(idx) + [idx[-1]] * (self.batch_size - len(idx))  # filler rows repeat the last prompt
             packed = self._pack(prompts, rows, self.pad_id)
             start = bucket_floor(int(lens.min()), self.min_bucket)
-            self._check_kv_room(start + -(-(int(lens.max()) + max_new_tokens - start) // self.decode_chunk)
-                                * self.decode_chunk)
-            logits, cache = _prefill(self.graphdef, self.state, packed[:, :start])
             total = int(lens.max()) + max_new_tokens - start  # steps until every row has its tokens
+            check_decode_room(self.model, start + -(-total // self.decode_chunk) * self.decode_chunk,
+                              "generation (prompts + max_gen_toks, in decode chunks)",
+                              hint="shorten the prompts (max_length) or max_gen_toks")
+            logits, cache = _prefill(self.graphdef, self.state, packed[:, :start])
             fed = np.zeros((self.batch_size, 0), np.int32)
             pos = start
             while pos < start + total:
